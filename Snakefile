@@ -1,0 +1,32 @@
+# snaketune: XTuner's fine-tuning chain as one workflow.
+#   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/model.smk"
+include: "rules/train.smk"
+include: "rules/export.smk"
+include: "rules/evaluate.smk"
+
+
+rule final_model:
+    """The merged model and the evaluation of every experiment listed under `run`."""
+    default_target: True
+    input:
+        final_outputs(config["run"]),
+
+
+rule all:
+    """Every experiment in the config."""
+    input:
+        final_outputs(list(config["experiments"])),

@@ -1,0 +1,30 @@
+rule generate_data:
+    """The self-cognition dataset ("XXX的小助手"), in XTuner's conversation format."""
+    output:
+        "results/data/generated/{dataset}.json",
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset]["spec"],
+    log:
+        "logs/generate_data/{dataset}.log",
+    conda:
+        "../envs/generate_data.yaml"
+    script:
+        "../scripts/generate_data.py"
+
+
+rule convert_data:
+    """alpaca / oasst1 / OpenAI messages / XTuner files (local, or a hub dataset) to XTuner's format."""
+    input:
+        dataset_local_input,
+    output:
+        "results/data/converted/{dataset}.json",
+    params:
+        source=dataset_source,
+        format=lambda wc: config["datasets"][wc.dataset]["format"],
+        split=lambda wc: config["datasets"][wc.dataset]["split"],
+    log:
+        "logs/convert_data/{dataset}.log",
+    conda:
+        "../envs/convert_data.yaml"
+    script:
+        "../scripts/convert_data.py"

@@ -1,0 +1,18 @@
+# Downloads need the internet, which login nodes have and compute nodes often not.
+localrules:
+    fetch_model,
+
+
+rule fetch_model:
+    """Link (local), download (modelscope, huggingface) or import (gguf) the base model."""
+    output:
+        directory("resources/models/{model}"),
+    params:
+        spec=lambda wc: config["models"][wc.model],
+        cache_dir="resources/downloads",
+    log:
+        "logs/fetch_model/{model}.log",
+    conda:
+        "../envs/fetch_model.yaml"
+    script:
+        "../scripts/fetch_model.py"

@@ -1,0 +1,22 @@
+rule train:
+    """QLoRA with DeepSpeed ZeRO-2. Checkpoints go to work_dirs/{exp}/iter_N.pth, which is
+    not a declared output: Snakemake never deletes it, and a re-run resumes from it."""
+    input:
+        model=model_dir,
+        data=experiment_data,
+    output:
+        "results/{exp}/training.json",
+    params:
+        settings=train_settings,
+        work_dir=lambda wc: f"work_dirs/{wc.exp}",
+    threads: 8
+    resources:
+        gpu=lambda wc: experiment(wc)["gpus"],
+    log:
+        "logs/train/{exp}.log",
+    benchmark:
+        "benchmarks/train/{exp}.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,282 @@
+"""Datasets in XTuner's ``conversation`` format: readers, converters, validation.
+
+A record is ``{"conversation": [turn, ...]}`` and a turn is
+``{"system": str (optional), "input": str, "output": str,
+"output_with_loss": bool (optional)}``. Converters from other formats follow
+XTuner's dataset map functions (``xtuner/dataset/map_fns``), so a user's
+alpaca, oasst1 or OpenAI ``messages`` file gives the same conversations here
+as there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+class DataError(ValueError):
+    """A malformed record: says which file, which record, which field, and the fix."""
+
+    def __init__(self, path: str | os.PathLike, index: int | None, field: str | None, problem: str, fix: str):
+        where = str(path)
+        if index is not None:
+            where += f", record {index}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+        self.path, self.index, self.field = str(path), index, field
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Read a local JSON list or JSON-lines file; errors name the line or record."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "file not found", "check the dataset's 'path' in the config")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(path, len(records), None, f"line {lineno} is not valid JSON ({err.msg})",
+                                "write one JSON object per line") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, None, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+                        "the file must hold a JSON list of records, or be a .jsonl file with one record per line") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(path, None, None, f"top level is a {type(data).__name__}", "make it a JSON list of records")
+    return data
+
+
+def load_hub_dataset(name: str, split: str = "train", revision: str | None = None) -> list[Record]:
+    """Load a dataset by hub name through ``datasets`` (needs the internet)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as err:  # the hub client raises many types for "offline"
+        raise RuntimeError(
+            f"could not load dataset {name!r} from the hub ({type(err).__name__}: {err}). "
+            "Offline, download it once elsewhere and set the dataset's 'path' to the local file."
+        ) from err
+    return [dict(r) for r in ds]
+
+
+def write_records(records: Iterable[Record], path: str | os.PathLike) -> None:
+    """Write JSON or JSON lines (by suffix) atomically: a failure leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = list(records)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                json.dump(records, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _need_str(rec: dict, key: str, path, index: int, field: str, fix: str, *, optional: bool = False) -> str:
+    if key not in rec or rec[key] is None:
+        if optional:
+            return ""
+        raise DataError(path, index, field, "missing", fix)
+    value = rec[key]
+    if not isinstance(value, str):
+        raise DataError(path, index, field, f"is a {type(value).__name__}, not a string", fix)
+    return value
+
+
+def _need_dict(rec: Any, path, index: int, field: str | None, what: str) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(path, index, field, f"is a {type(rec).__name__}, not an object", f"make it a JSON object ({what})")
+    return rec
+
+
+def validate_conversation(rec: Any, path, index: int) -> Record:
+    """Check one XTuner ``conversation`` record; return it normalised."""
+    rec = _need_dict(rec, path, index, None, '{"conversation": [...]}')
+    if "conversation" not in rec:
+        raise DataError(path, index, "conversation", "missing",
+                        'each record needs "conversation": a list of {"input", "output"} turns '
+                        "(for alpaca, oasst1 or OpenAI files set the dataset's 'format')")
+    turns = rec["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(path, index, "conversation", "must be a non-empty list of turns",
+                        'write [{"input": "...", "output": "..."}]')
+    out = []
+    for t, turn in enumerate(turns):
+        field = f"conversation[{t}]"
+        turn = _need_dict(turn, path, index, field, '{"input": ..., "output": ...}')
+        fix = "give every turn string 'input' and 'output' fields (and optionally 'system')"
+        clean = {
+            "system": _need_str(turn, "system", path, index, f"{field}.system", fix, optional=True),
+            "input": _need_str(turn, "input", path, index, f"{field}.input", fix),
+            "output": _need_str(turn, "output", path, index, f"{field}.output", fix),
+        }
+        if "output_with_loss" in turn:
+            flag = turn["output_with_loss"]
+            if not isinstance(flag, bool):
+                raise DataError(path, index, f"{field}.output_with_loss", f"is {flag!r}", "use true or false")
+            clean["output_with_loss"] = flag
+        out.append(clean)
+    if not any(t.get("output_with_loss", True) for t in out):
+        raise DataError(path, index, "conversation", "no turn is trained on (all output_with_loss are false)",
+                        "drop the record or set output_with_loss true on one turn")
+    return {"conversation": out}
+
+
+# ---------------------------------------------------------------- converters
+# Each takes one raw record and returns a conversation list (possibly empty,
+# meaning "drop this record", as XTuner's map functions do).
+
+
+def from_xtuner(rec, path, index):
+    return validate_conversation(rec, path, index)["conversation"]
+
+
+def from_alpaca(rec, path, index):
+    rec = _need_dict(rec, path, index, None, "an alpaca record")
+    fix = "alpaca records need string 'instruction' and 'output' fields and an optional 'input'"
+    instruction = _need_str(rec, "instruction", path, index, "instruction", fix)
+    inp = _need_str(rec, "input", path, index, "input", fix, optional=True)
+    output = _need_str(rec, "output", path, index, "output", fix)
+    if output == "<nooutput>":
+        return []
+    return [{"system": "", "input": f"{instruction}\n{inp}", "output": output}]
+
+
+def from_oasst1(rec, path, index):
+    rec = _need_dict(rec, path, index, None, "an openassistant-guanaco record")
+    text = _need_str(rec, "text", path, index, "text", "oasst1 records need a 'text' field with '### Human: ... ### Assistant: ...'")
+    parts = []
+    for sentence in text.strip().split("###"):
+        sentence = sentence.strip()
+        if sentence.startswith("Human:"):
+            parts.append(sentence[len("Human:"):].strip())
+        elif sentence.startswith("Assistant:"):
+            parts.append(sentence[len("Assistant:"):].strip())
+    if len(parts) % 2:
+        parts.pop()  # a last human turn has no answer to learn from
+    return [{"system": "", "input": parts[i], "output": parts[i + 1]} for i in range(0, len(parts), 2)]
+
+
+def from_openai(rec, path, index):
+    rec = _need_dict(rec, path, index, None, '{"messages": [...]}')
+    messages = rec.get("messages")
+    if not isinstance(messages, list):
+        raise DataError(path, index, "messages", "missing or not a list",
+                        'write "messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]')
+    i = 0
+    while i < len(messages) and isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
+        i += 1
+    conversation, system, inp = [], "", ""
+    for m in range(i, len(messages)):
+        field = f"messages[{m}]"
+        msg = _need_dict(messages[m], path, index, field, '{"role": ..., "content": ...}')
+        content = _need_str(msg, "content", path, index, f"{field}.content", "every message needs a string 'content'")
+        role = msg.get("role")
+        if role == "system":
+            system = content
+        elif role == "user":
+            inp += content
+        elif role == "assistant":
+            turn = {"system": system, "input": inp, "output": content}
+            if "loss" in msg:
+                turn["output_with_loss"] = str(msg["loss"]).lower() == "true"
+            conversation.append(turn)
+            system, inp = "", ""
+        else:
+            raise DataError(path, index, f"{field}.role", f"unknown role {role!r}", "use system, user or assistant")
+    return conversation
+
+
+CONVERTERS: dict[str, Callable[[Any, Any, int], list]] = {
+    "xtuner": from_xtuner,
+    "alpaca": from_alpaca,
+    "oasst1": from_oasst1,
+    "openai": from_openai,
+}
+
+
+def convert(records: Iterable[Any], fmt: str, path: str | os.PathLike) -> Iterator[Record]:
+    """Convert raw records of format ``fmt``; validate each result; drop empty ones."""
+    try:
+        fn = CONVERTERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(CONVERTERS)}") from None
+    for index, rec in enumerate(records):
+        conversation = fn(rec, path, index)
+        if conversation:
+            yield validate_conversation({"conversation": conversation}, path, index)
+
+
+def convert_file(source: str, fmt: str, out: str | os.PathLike, *, split: str = "train",
+                 revision: str | None = None) -> int:
+    """Read ``source`` (a local file, else a hub dataset name), convert, write ``out``."""
+    if Path(source).exists() or Path(source).suffix in {".json", ".jsonl"}:
+        raw = read_records(source)
+    else:
+        raw = load_hub_dataset(source, split=split, revision=revision)
+    records = list(convert(raw, fmt, source))
+    if not records:
+        raise DataError(source, None, None, "no usable record after conversion", "check the dataset's 'format'")
+    write_records(records, out)
+    return len(records)
+
+
+# ---------------------------------------------------------------- self-cognition
+
+DEFAULT_QUESTIONS = {
+    "zh": ["你是谁", "请你介绍一下你自己", "你叫什么名字"],
+    "en": ["Who are you?", "Introduce yourself", "What is your name?"],
+}
+
+
+def self_cognition(*, name: str, owner: str, answers: dict[str, str], questions: dict[str, list[str]] | None = None,
+                   copies: int = 1, system: str = "", seed: int = 0) -> list[Record]:
+    """The tutorial's "XXX的小助手" dataset: every question, ``copies`` times, shuffled.
+
+    ``answers`` maps a language to an answer text that may use ``{name}`` and
+    ``{owner}``; each question is answered in its own language.
+    """
+    questions = questions or DEFAULT_QUESTIONS
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    records = []
+    for lang, qs in questions.items():
+        if lang not in answers:
+            raise ValueError(f"questions in language {lang!r} but no answer for it; add answers.{lang}")
+        answer = answers[lang].format(name=name, owner=owner)
+        for q in qs:
+            records.append({"conversation": [{"system": system, "input": q, "output": answer}]})
+    records = records * copies
+    random.Random(seed).shuffle(records)
+    return records

@@ -1,0 +1,188 @@
+"""``pth_to_hf`` and ``merge``: a training checkpoint -> PEFT adapter -> merged model.
+
+Conversion reads only the LoRA tensors from the checkpoint; it never loads the
+base model (XTuner's ``pth_to_hf`` loads it, in 4-bit, twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_INDEX = "adapter_model.safetensors.index.json"
+_LORA_KEY = re.compile(r"^(?:llm\.)?(base_model\.model\..*\.lora_[AB])(?:\.default)?\.weight$")
+
+
+def checkpoint_model_file(ckpt: Path) -> Path:
+    """The file holding the weights: a DeepSpeed directory's model states, or a plain ``.pth`` file."""
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        f = ckpt / "mp_rank_00_model_states.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{ckpt} is a directory without mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+        return f
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    return ckpt
+
+
+def read_lora_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """LoRA tensors of a checkpoint, under the key names PEFT saves adapters with."""
+    import torch
+
+    f = checkpoint_model_file(Path(ckpt))
+    blob = torch.load(f, map_location="cpu", weights_only=True)
+    state = blob.get("module") or blob.get("state_dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"{f}: neither a 'module' nor a 'state_dict' entry with weights")
+    lora = {}
+    for key, tensor in state.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            lora[f"{m.group(1)}.weight"] = tensor
+    return lora
+
+
+def check_adapter(state: dict[str, Any], source: str) -> None:
+    """Fail loudly on an adapter that cannot have learned anything."""
+    if not state:
+        raise ValueError(f"{source}: no LoRA tensors found; was the checkpoint written by a LoRA training?")
+    b = [t for k, t in state.items() if ".lora_B." in k]
+    if not b or all(not t.any() for t in b):
+        raise ValueError(f"{source}: every lora_B tensor is zero, so the adapter changes nothing "
+                         "(training did not update it: check lr and that the loss had supervised tokens)")
+
+
+def target_modules(state: dict[str, Any]) -> list[str]:
+    return sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
+
+
+def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], *, fp32: bool = False,
+                 max_shard_size: str | int = "2GB") -> list[str]:
+    """Write ``adapter_config.json`` and safetensors shards of at most ``max_shard_size``.
+
+    One shard is named ``adapter_model.safetensors`` (what PEFT loads); more get
+    an index, as ``save_pretrained`` writes for models.
+    """
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    dtype = torch.float32 if fp32 else torch.float16
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="adapter_model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        (tmp / ADAPTER_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": split.tensor_to_filename}, indent=1))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return sorted(split.filename_to_tensors)
+
+
+def adapter_config(lora: dict[str, Any], state: dict[str, Any], base_model: str) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    from .model import lora_kwargs
+
+    kw = lora_kwargs(lora)
+    kw["target_modules"] = target_modules(state)
+    cfg = LoraConfig(task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model,
+                     inference_mode=True, **kw)
+    return cfg.to_dict()
+
+
+def pth_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, lora: dict[str, Any], base_model: str, *,
+              fp32: bool = False, max_shard_size: str | int = "2GB") -> list[str]:
+    """``xtuner convert pth_to_hf``: checkpoint -> adapter directory (checked before it is written)."""
+    state = read_lora_state(ckpt)
+    check_adapter(state, str(ckpt))
+    files = save_adapter(state, Path(out), adapter_config(lora, state, base_model), fp32=fp32,
+                         max_shard_size=max_shard_size)
+    log.info("wrote %d LoRA tensors to %s in %d file(s)", len(state), out, len(files))
+    return files
+
+
+def read_adapter_weights(adapter_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    index = adapter_dir / ADAPTER_INDEX
+    if not index.exists():
+        return load_file(adapter_dir / ADAPTER_WEIGHTS)
+    state = {}
+    for filename in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(adapter_dir / filename))
+    return state
+
+
+def load_peft_model(base, adapter_dir: str | os.PathLike):
+    """``PeftModel.from_pretrained``, also for an adapter written in several shards."""
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_INDEX).exists():
+        return PeftModel.from_pretrained(base, adapter_dir)
+    model = get_peft_model(base, LoraConfig.from_pretrained(adapter_dir))
+    result = set_peft_model_state_dict(model, read_adapter_weights(adapter_dir))
+    if result.unexpected_keys:
+        raise ValueError(f"{adapter_dir}: weights that match no LoRA layer: {result.unexpected_keys[:5]}")
+    return model
+
+
+def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map="cpu",
+                                                trust_remote_code=trust_remote_code)
+
+
+def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, template: str, *,
+          dtype: str = "auto", max_shard_size: str | int = "2GB", trust_remote_code: bool = False) -> None:
+    """``xtuner convert merge``: base + adapter -> one model that plain transformers loads.
+
+    Runs on the CPU (XTuner's default ``--device cuda`` runs out of memory on
+    large models). The tokenizer gets a chat template and the generation config
+    the stop tokens of the training template, so chat tools format and stop
+    as in training.
+    """
+    from .encoding import encode_prompt, resolve_template, stop_token_ids
+    from .model import load_tokenizer
+    from .templates import TOKENIZER_TEMPLATE
+
+    out = Path(out)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    model = load_peft_model(load_base(base_dir, dtype, trust_remote_code), adapter_dir).merge_and_unload()
+    tmpl = resolve_template(template)
+    if tmpl != TOKENIZER_TEMPLATE:
+        uses_bos = encode_prompt("x", tokenizer, tmpl)[0] != tokenizer.encode(
+            tmpl.format_input("x"), add_special_tokens=False)[0]
+        tokenizer.chat_template = ("{{ bos_token }}" if uses_bos else "") + tmpl.chat_template()
+    stops = stop_token_ids(tokenizer, tmpl)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("merged model written to %s", out)

@@ -1,0 +1,50 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+XTUNER = FIXTURES / "xtuner-0.2.0"
+TINY_BASE = XTUNER / "base"  # 2-layer, 64-wide Llama, random weights, SmolLM2 tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from snaketune.model import load_tokenizer
+
+    return load_tokenizer(TINY_BASE)
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    return TINY_BASE
+
+
+def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    """Run ``snaketune`` as a user would, in a fresh interpreter."""
+    res = subprocess.run([sys.executable, "-m", "snaketune.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snaketune {' '.join(map(str, args))} failed:\n{res.stderr[-4000:]}")
+    return res
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A user's checkout of the workflow: Snakefile, rules, scripts, config schema, envs, profiles."""
+    for name in ("Snakefile", "rules", "scripts", "config", "envs", "profiles"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
