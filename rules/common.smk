@@ -7,15 +7,23 @@ def _check_references():
     problems = []
     for name in config["run"]:
         if name not in config["experiments"]:
-            problems.append(f"run: experiment {name!r} is not defined under experiments")
+            problems.append(
+                f"run: experiment {name!r} is not defined under experiments"
+            )
     for name, e in config["experiments"].items():
         if e["model"] not in config["models"]:
-            problems.append(f"experiments.{name}.model: no model named {e['model']!r} under models")
+            problems.append(
+                f"experiments.{name}.model: no model named {e['model']!r} under models"
+            )
         if e["dataset"] not in config["datasets"]:
-            problems.append(f"experiments.{name}.dataset: no dataset named {e['dataset']!r} under datasets")
+            problems.append(
+                f"experiments.{name}.dataset: no dataset named {e['dataset']!r} under datasets"
+            )
     for name, d in config["datasets"].items():
         if "format" in d and not (d.get("path") or d.get("hub")):
-            problems.append(f"datasets.{name}: a converted dataset needs 'path' (local file) or 'hub'")
+            problems.append(
+                f"datasets.{name}: a converted dataset needs 'path' (local file) or 'hub'"
+            )
         if "generator" in d and "spec" not in d:
             problems.append(f"datasets.{name}: a generated dataset needs 'spec'")
     if problems:

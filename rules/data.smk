@@ -2,12 +2,12 @@ rule generate_data:
     """The self-cognition dataset ("XXX的小助手"), in XTuner's conversation format."""
     output:
         "results/data/generated/{dataset}.json",
-    params:
-        spec=lambda wc: config["datasets"][wc.dataset]["spec"],
     log:
         "logs/generate_data/{dataset}.log",
     conda:
         "../envs/generate_data.yaml"
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset]["spec"],
     script:
         "../scripts/generate_data.py"
 
@@ -18,13 +18,13 @@ rule convert_data:
         dataset_local_input,
     output:
         "results/data/converted/{dataset}.json",
-    params:
-        source=dataset_source,
-        format=lambda wc: config["datasets"][wc.dataset]["format"],
-        split=lambda wc: config["datasets"][wc.dataset]["split"],
     log:
         "logs/convert_data/{dataset}.log",
     conda:
         "../envs/convert_data.yaml"
+    params:
+        source=dataset_source,
+        format=lambda wc: config["datasets"][wc.dataset]["format"],
+        split=lambda wc: config["datasets"][wc.dataset]["split"],
     script:
         "../scripts/convert_data.py"

@@ -9,16 +9,16 @@ rule evaluate:
     output:
         answers="results/{exp}/evaluation.jsonl",
         markdown="results/{exp}/evaluation.md",
-    params:
-        template=lambda wc: experiment(wc)["train"]["template"],
-        system=lambda wc: experiment(wc)["train"]["SYSTEM"],
-        spec=lambda wc: experiment(wc)["evaluation"],
-        trust_remote_code=trust_remote_code,
     log:
         "logs/evaluate/{exp}.log",
     benchmark:
         "benchmarks/evaluate/{exp}.tsv"
     conda:
         "../envs/evaluate.yaml"
+    params:
+        template=lambda wc: experiment(wc)["train"]["template"],
+        system=lambda wc: experiment(wc)["train"]["SYSTEM"],
+        spec=lambda wc: experiment(wc)["evaluation"],
+        trust_remote_code=trust_remote_code,
     script:
         "../scripts/evaluate.py"

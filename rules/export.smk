@@ -5,14 +5,14 @@ rule pth_to_hf:
         model=model_dir,
     output:
         directory("results/{exp}/adapter"),
-    params:
-        lora=lambda wc: experiment(wc)["train"]["lora"],
-        fp32=lambda wc: experiment(wc)["export"]["fp32"],
-        max_shard_size=lambda wc: experiment(wc)["export"]["max_shard_size"],
     log:
         "logs/pth_to_hf/{exp}.log",
     conda:
         "../envs/pth_to_hf.yaml"
+    params:
+        lora=lambda wc: experiment(wc)["train"]["lora"],
+        fp32=lambda wc: experiment(wc)["export"]["fp32"],
+        max_shard_size=lambda wc: experiment(wc)["export"]["max_shard_size"],
     script:
         "../scripts/pth_to_hf.py"
 
@@ -24,16 +24,16 @@ rule merge:
         adapter="results/{exp}/adapter",
     output:
         directory("results/{exp}/merged"),
-    params:
-        template=lambda wc: experiment(wc)["train"]["template"],
-        dtype=lambda wc: experiment(wc)["merge"]["dtype"],
-        max_shard_size=lambda wc: experiment(wc)["merge"]["max_shard_size"],
-        trust_remote_code=trust_remote_code,
     log:
         "logs/merge/{exp}.log",
     benchmark:
         "benchmarks/merge/{exp}.tsv"
     conda:
         "../envs/merge.yaml"
+    params:
+        template=lambda wc: experiment(wc)["train"]["template"],
+        dtype=lambda wc: experiment(wc)["merge"]["dtype"],
+        max_shard_size=lambda wc: experiment(wc)["merge"]["max_shard_size"],
+        trust_remote_code=trust_remote_code,
     script:
         "../scripts/merge.py"

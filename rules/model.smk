@@ -7,12 +7,12 @@ rule fetch_model:
     """Link (local), download (modelscope, huggingface) or import (gguf) the base model."""
     output:
         directory("resources/models/{model}"),
-    params:
-        spec=lambda wc: config["models"][wc.model],
-        cache_dir="resources/downloads",
     log:
         "logs/fetch_model/{model}.log",
     conda:
         "../envs/fetch_model.yaml"
+    params:
+        spec=lambda wc: config["models"][wc.model],
+        cache_dir="resources/downloads",
     script:
         "../scripts/fetch_model.py"

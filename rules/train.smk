@@ -6,17 +6,17 @@ rule train:
         data=experiment_data,
     output:
         "results/{exp}/training.json",
-    params:
-        settings=train_settings,
-        work_dir=lambda wc: f"work_dirs/{wc.exp}",
-    threads: 8
-    resources:
-        gpu=lambda wc: experiment(wc)["gpus"],
     log:
         "logs/train/{exp}.log",
     benchmark:
         "benchmarks/train/{exp}.tsv"
     conda:
         "../envs/train.yaml"
+    threads: 8
+    resources:
+        gpu=lambda wc: experiment(wc)["gpus"],
+    params:
+        settings=train_settings,
+        work_dir=lambda wc: f"work_dirs/{wc.exp}",
     script:
         "../scripts/train.py"

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--template", required=True)
     sp.add_argument("--system", default="")
     sp.add_argument("--spec", type=_json_arg, required=True,
-                    help='{"prompts": [...], "identity_keyword": .., "max_new_tokens": .., "require_stop": ..}')
+                    help='{"prompts": [...], "identity_keywords": [..], "max_new_tokens": .., "require_stop": ..}')
     sp.add_argument("--data", help="training data, to mark which prompts were trained on")
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.add_argument("--markdown", required=True, help="side-by-side table to write")

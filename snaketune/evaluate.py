@@ -18,7 +18,7 @@ class CheckFailed(RuntimeError):
 
 def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike, *,
              template: str, prompts: list[str], system: str = "", trained_prompts: set[str] = frozenset(),
-             identity_keyword: str | None = None, max_new_tokens: int = 64, require_stop: bool = True,
+             identity_keywords: list[str] = (), max_new_tokens: int = 64, require_stop: bool = True,
              trust_remote_code: bool = False, out_jsonl: str | os.PathLike, out_md: str | os.PathLike) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +38,7 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
     merged = generate_answers(merged_model, tokenizer, template, prompts, **gen)
 
     def claims(text: str) -> bool | None:
-        return None if not identity_keyword else identity_keyword.lower() in text.lower()
+        return None if not identity_keywords else any(k.lower() in text.lower() for k in identity_keywords)
 
     rows = []
     for b, a, m in zip(base, adapted, merged):
@@ -46,9 +46,10 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
                      "base": b.answer, "finetuned": m.answer, "base_plus_adapter": a.answer,
                      "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens,
                      "base_claims_identity": claims(b.answer), "finetuned_claims_identity": claims(m.answer)})
-    summary = _summary(rows, identity_keyword)
+    summary = _summary(rows, identity_keywords)
+    table = _markdown(rows, summary, identity_keywords)
     write_records(rows, out_jsonl)
-    Path(out_md).write_text(_markdown(rows, summary, identity_keyword), encoding="utf-8")
+    Path(out_md).write_text(table, encoding="utf-8")
     log.info("evaluation summary: %s", summary)
 
     problems = [f"merged model and base + adapter disagree on {r['prompt']!r}: {r['finetuned']!r} vs "
@@ -58,8 +59,9 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
                      "without the template's stop word (check the template and that the suffix was trained)"
                      for r in rows if not r["finetuned_stopped"]]
     if problems:
-        raise CheckFailed("evaluation checks failed (the answers are in " + str(out_md) + "):\n- "
-                          + "\n- ".join(problems))
+        # Snakemake deletes the outputs of a failed job: keep the answers in the log.
+        log.error("the answers:\n%s", table)
+        raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems))
     return summary
 
 
@@ -68,10 +70,10 @@ def _rate(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _summary(rows: list[dict], keyword: str | None) -> dict[str, Any]:
+def _summary(rows: list[dict], keywords: list[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {"prompts": len(rows),
                                "finetuned_stopped": sum(r["finetuned_stopped"] for r in rows)}
-    if keyword:
+    if keywords:
         for name, subset in [("all", rows), ("trained", [r for r in rows if r["in_training_data"]]),
                              ("unseen", [r for r in rows if not r["in_training_data"]])]:
             summary[f"identity_rate_base_{name}"] = _rate(subset, "base_claims_identity")
@@ -83,10 +85,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _markdown(rows: list[dict], summary: dict, keyword: str | None) -> str:
+def _markdown(rows: list[dict], summary: dict, keywords: list[str]) -> str:
     lines = ["# Evaluation: base vs fine-tuned", ""]
-    if keyword:
-        lines += [f"Identity keyword: `{keyword}`", "", "| prompts | base claims it | fine-tuned claims it |",
+    if keywords:
+        lines += ["Claims the new identity: the answer contains " + " or ".join(f"`{k}`" for k in keywords),
+                  "", "| prompts | base claims it | fine-tuned claims it |",
                   "|---|---|---|"]
         for name in ("trained", "unseen", "all"):
             b, f = summary[f"identity_rate_base_{name}"], summary[f"identity_rate_finetuned_{name}"]

@@ -34,15 +34,65 @@ def checkpoint_model_file(ckpt: Path) -> Path:
     return ckpt
 
 
-def read_lora_state(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """LoRA tensors of a checkpoint, under the key names PEFT saves adapters with."""
+def _value(x: Any) -> Any:
+    from .safe_pickle import Placeholder
+
+    return x.args[0] if isinstance(x, Placeholder) and x.args else x
+
+
+def read_zero_fp32_state(ckpt: Path) -> dict[str, Any]:
+    """The fp32 master weights of a ZeRO-1/2 checkpoint directory, gathered from every rank's partition.
+
+    This is the authoritative copy (under bf16 training the module holds only
+    bf16 weights), and what DeepSpeed's zero_to_fp32 and XTuner's pth_to_hf read.
+    """
     import torch
 
-    f = checkpoint_model_file(Path(ckpt))
-    blob = torch.load(f, map_location="cpu", weights_only=True)
-    state = blob.get("module") or blob.get("state_dict")
-    if not isinstance(state, dict):
-        raise ValueError(f"{f}: neither a 'module' nor a 'state_dict' entry with weights")
+    from .safe_pickle import load_checkpoint
+
+    files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no zero_pp_rank_*_mp_rank_00_optim_states.pt files")
+    parts = [load_checkpoint(f)["optimizer_state_dict"] for f in files]
+    # enums of DeepSpeed's (ZeroStageEnum) load as placeholders holding their value
+    stage, world = (_value(parts[0].get(k)) for k in ("zero_stage", "partition_count"))
+    if stage not in (1, 2):
+        raise ValueError(f"{ckpt}: ZeRO stage {stage} checkpoints are not supported (stages 1 and 2 are)")
+    counts = world if isinstance(world, int) else world[0]
+    if counts != len(files):
+        raise ValueError(f"{ckpt}: written by {counts} ranks but {len(files)} optimizer partitions are present")
+    shapes = load_checkpoint(checkpoint_model_file(ckpt))["param_shapes"]
+    state = {}
+    for i, group_shapes in enumerate(shapes):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][i] for p in parts])
+        offset = 0
+        for name, shape in group_shapes.items():
+            n = shape.numel()
+            state[name] = flat.narrow(0, offset, n).view(shape).clone()
+            offset += n
+        if offset > flat.numel():
+            raise ValueError(f"{ckpt}: parameter group {i} is shorter than its parameter shapes")
+    return state
+
+
+def read_lora_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """LoRA tensors of a checkpoint (ours, or XTuner's plain or DeepSpeed one), under PEFT's key names.
+
+    The file is untrusted input: it is read with an unpickler that loads tensors
+    and plain data only (see safe_pickle), without mmengine installed.
+    """
+    from .safe_pickle import load_checkpoint
+
+    ckpt = Path(ckpt)
+    f = checkpoint_model_file(ckpt)
+    if ckpt.is_dir():
+        state = read_zero_fp32_state(ckpt)
+    else:
+        blob = load_checkpoint(f)
+        state = blob.get("state_dict") if isinstance(blob, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{f}: no 'state_dict' entry with weights: not an XTuner .pth checkpoint")
     lora = {}
     for key, tensor in state.items():
         m = _LORA_KEY.match(key)
@@ -105,7 +155,7 @@ def adapter_config(lora: dict[str, Any], state: dict[str, Any], base_model: str)
     kw["target_modules"] = target_modules(state)
     cfg = LoraConfig(task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model,
                      inference_mode=True, **kw)
-    return cfg.to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
 
 
 def pth_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, lora: dict[str, Any], base_model: str, *,
@@ -142,7 +192,7 @@ def load_peft_model(base, adapter_dir: str | os.PathLike):
     result = set_peft_model_state_dict(model, read_adapter_weights(adapter_dir))
     if result.unexpected_keys:
         raise ValueError(f"{adapter_dir}: weights that match no LoRA layer: {result.unexpected_keys[:5]}")
-    return model
+    return model.eval()  # as from_pretrained leaves it: no LoRA dropout at inference
 
 
 def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False):

@@ -11,6 +11,7 @@ never holds half-accumulated gradients.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -144,6 +145,21 @@ def collate(rows: list[Row], pad_id: int):
     return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)
 
 
+def token_loss_sum(model, ids, labels, position_ids):
+    """Summed cross-entropy over supervised tokens.
+
+    No attention mask is passed: transformers then builds a causal mask that is
+    block-diagonal wherever the position ids restart, but only when no KV cache
+    is in play, hence ``use_cache=False`` (with a cache, packed samples would
+    silently attend to each other).
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def epoch_batches(n_rows: int, epoch: int, s: TrainSettings, rank: int, world: int) -> list[list[int]]:
     """Row indices of each of this rank's micro-batches in ``epoch``.
 
@@ -186,6 +202,39 @@ def window_ends(total_iters: int, acc: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+# Settings that change what is logged or kept, not the weights: a checkpoint
+# made under other values of these still resumes.
+_NOT_IN_FINGERPRINT = {"save_steps", "save_total_limit", "evaluation_freq", "evaluation_inputs",
+                       "evaluation_max_new_tokens", "SYSTEM"}
+
+
+def run_fingerprint(s: TrainSettings, data_file: Path, model_dir: Path, world: int) -> str:
+    """What a checkpoint must have been made with to be resumed: settings, data, model, ranks."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in asdict(s).items() if k not in _NOT_IN_FINGERPRINT},
+                        sort_keys=True).encode())
+    h.update(Path(data_file).read_bytes())
+    h.update((Path(model_dir) / "config.json").read_bytes())
+    h.update(str(world).encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(ckpt: Path) -> str | None:
+    return json.loads((ckpt / COMPLETE).read_text()).get("fingerprint")
+
+
+def set_aside(work_dir: Path, fingerprint: str) -> Path | None:
+    """Move checkpoints of another run definition out of the way (never delete them)."""
+    stale = [p for _, p in complete_checkpoints(work_dir) if checkpoint_fingerprint(p) != fingerprint]
+    if not stale:
+        return None
+    dest = work_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for p in stale:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def complete_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
@@ -266,7 +315,6 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     import deepspeed
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from .data import read_records
     from .model import load_for_training, load_tokenizer, pick_device
@@ -318,9 +366,15 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
 
     # ---- resume
     iteration, resumed_from = 0, None
-    for torn in torn_checkpoints(work_dir):
-        if main:
+    fingerprint = run_fingerprint(s, Path(data_file), Path(model_dir), world)
+    if main:
+        for torn in torn_checkpoints(work_dir):
             log.warning("ignoring %s: it was not completely written (no %s)", torn, COMPLETE)
+        moved = set_aside(work_dir, fingerprint)
+        if moved:
+            log.warning("checkpoints made with other settings, data, model or rank count moved to %s; "
+                        "training starts from iteration 0", moved)
+    dist.barrier()
     done = complete_checkpoints(work_dir)
     if done:
         iteration, ckpt = done[-1]
@@ -356,7 +410,8 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
         torch.save(_rng_state(), work_dir / tag / f"rng_state_{rank}.pt")
         dist.barrier()
         if main:
-            _atomic_write(work_dir / tag / COMPLETE, json.dumps({"iteration": at, "world_size": world}))
+            _atomic_write(work_dir / tag / COMPLETE,
+                          json.dumps({"iteration": at, "world_size": world, "fingerprint": fingerprint}))
             _atomic_write(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
             keep = {p for _, p in complete_checkpoints(work_dir)[-s.save_total_limit:]}
             for _, p in complete_checkpoints(work_dir):
@@ -387,9 +442,7 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
         loss_total = torch.zeros(())
         for ids, labels, pos in window:
             ids, labels, pos = ids.to(engine.device), labels.to(engine.device), pos.to(engine.device)
-            logits = engine(input_ids=ids, position_ids=pos).logits[:, :-1].float()
-            loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            loss_sum = token_loss_sum(engine, ids, labels, pos)
             # Normalise by the supervised tokens of the whole window on all
             # ranks (not a mean of per-batch means); ZeRO averages gradients
             # over ranks, hence the factor world.

@@ -1,0 +1,51 @@
+"""Every rule has a pinned env, log and conda directive; env files agree with requirements.txt."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from .conftest import ROOT
+
+
+def pins(lines) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)==([^\s#;]+)", line)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+REQUIREMENTS = pins((ROOT / "requirements.txt").read_text().splitlines())
+RULE_RE = re.compile(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", re.S | re.M)
+
+
+def rules() -> dict[str, str]:
+    out = {}
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for name, body in RULE_RE.findall(smk.read_text()):
+            out[name] = body
+    return out
+
+
+def test_every_job_rule_has_its_own_pinned_env_and_a_log():
+    found = rules()
+    assert {"generate_data", "convert_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate"} <= set(found)
+    for name, body in found.items():
+        m = re.search(r'conda:\s*\n\s*"\.\./envs/([\w-]+\.yaml)"', body)
+        assert m, f"rule {name} has no conda: directive"
+        assert m.group(1) == f"{name}.yaml", f"rule {name} should use envs/{name}.yaml"
+        assert "log:" in body, f"rule {name} has no log:"
+
+
+def test_env_pins_agree_with_requirements():
+    for env in sorted((ROOT / "envs").glob("*.yaml")):
+        spec = yaml.safe_load(env.read_text())
+        pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)
+        env_pins = pins(pip)
+        assert env_pins, f"{env.name} pins nothing"
+        for name, version in env_pins.items():
+            assert REQUIREMENTS.get(name) == version, f"{env.name}: {name}=={version}, requirements.txt has {REQUIREMENTS.get(name)}"
+        unpinned = [d for d in pip if not d.startswith("-") and "==" not in d]
+        assert not unpinned, f"{env.name}: unpinned {unpinned}"

@@ -1,0 +1,107 @@
+"""pth_to_hf and merge on a real checkpoint of the tiny model."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from snaketune.export import (ADAPTER_INDEX, ADAPTER_WEIGHTS, check_adapter, load_peft_model, merge, pth_to_hf,
+                              read_lora_state)
+
+from .conftest import TINY_BASE, run_cli
+from .test_train import train_cmd
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    subprocess.run(train_cmd(tmp / "work", tmp / "out.json", max_epochs=1), check=True, capture_output=True)
+    return json.loads((tmp / "out.json").read_text())["checkpoint"]
+
+
+def base_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32)
+
+
+def logits(model, ids=((0, 1, 4093, 198, 6004, 2, 198, 1, 520, 9531),)):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits
+
+
+def test_pth_to_hf_writes_a_peft_adapter_that_peft_loads(checkpoint, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "adapter"
+    files = pth_to_hf(checkpoint, out, LORA, str(TINY_BASE), fp32=True)
+    assert files == [ADAPTER_WEIGHTS]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (8, 16, "LORA")
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # all linear but lm_head
+    model = PeftModel.from_pretrained(base_model(), out)
+    state = read_lora_state(checkpoint)
+    loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k].float()) for k in state)
+    assert not torch.allclose(logits(model), logits(base_model()))  # the adapter changes the model
+
+
+def test_default_is_fp16_and_shards_respect_max_shard_size(checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    pth_to_hf(checkpoint, one, LORA, str(TINY_BASE))
+    with safe_open(one / ADAPTER_WEIGHTS, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    files = pth_to_hf(checkpoint, many, LORA, str(TINY_BASE), max_shard_size="20KB")
+    assert len(files) > 1
+    for name in files:  # tensor bytes per shard (the safetensors header comes on top)
+        with safe_open(many / name, "pt") as f:
+            assert sum(f.get_tensor(k).numel() * 2 for k in f.keys()) <= 20_000
+    index = json.loads((many / ADAPTER_INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == files
+    a = logits(load_peft_model(base_model(), one))
+    b = logits(load_peft_model(base_model(), many))
+    assert torch.equal(a, b)
+
+
+def test_merged_model_equals_base_plus_adapter(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    pth_to_hf(checkpoint, adapter, LORA, str(TINY_BASE), fp32=True)
+    merge(TINY_BASE, adapter, merged, "internlm2_chat", max_shard_size="5MB")
+    assert len(list(merged.glob("model-*.safetensors"))) > 1  # sharded as asked
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert not any("lora" in k for k in plain.state_dict())
+    torch.testing.assert_close(logits(plain), logits(load_peft_model(base_model(), adapter)), atol=1e-5, rtol=1e-5)
+    tok = AutoTokenizer.from_pretrained(merged)
+    text = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False)
+    assert text == "<|endoftext|><|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    assert 2 in plain.generation_config.eos_token_id if isinstance(plain.generation_config.eos_token_id, list) \
+        else plain.generation_config.eos_token_id == 2
+
+
+def test_all_zero_or_empty_adapter_fails_loudly(checkpoint):
+    state = read_lora_state(checkpoint)
+    zeroed = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match="every lora_B tensor is zero"):
+        check_adapter(zeroed, "x")
+    with pytest.raises(ValueError, match="no LoRA tensors"):
+        check_adapter({}, "x")
+
+
+def test_cli_reads_the_train_summary_and_refuses_a_missing_checkpoint(checkpoint, tmp_path):
+    summary = tmp_path / "training.json"
+    summary.write_text(json.dumps({"checkpoint": checkpoint}))
+    run_cli("pth_to_hf", "--lora", json.dumps(LORA), "--base-model", TINY_BASE, summary, tmp_path / "a")
+    assert (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
+    res = run_cli("pth_to_hf", "--lora", json.dumps(LORA), "--base-model", TINY_BASE, tmp_path / "nope.pth",
+                  tmp_path / "b", check=False)
+    assert res.returncode != 0 and "nope.pth does not exist" in res.stderr
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,166 @@
+"""The training loop's pieces, and a real interrupted-and-resumed run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from snaketune.encoding import Encoded
+from snaketune.export import read_lora_state
+from snaketune.train import (COMPLETE, TrainSettings, complete_checkpoints, epoch_batches, lr_factor, pack,
+                             torn_checkpoints, window_ends)
+
+from .conftest import TINY_BASE, XTUNER, read_jsonl, run_cli
+
+TINY = dict(template="internlm2_chat", max_length=64, batch_size=2, accumulative_counts=2, max_epochs=3,
+            lr=1e-3, warmup_ratio=0.1, save_steps=4, save_total_limit=3, evaluation_freq=1000,
+            lora={"r": 8, "alpha": 16, "dropout": 0.1})
+
+
+def test_lr_schedule_is_xtuners_linear_warmup_then_cosine():
+    total, ratio = 100, 0.1
+    assert lr_factor(0, total, ratio) == pytest.approx(1e-5)
+    assert lr_factor(5, total, ratio) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)
+    assert lr_factor(10, total, ratio) == pytest.approx(1.0)
+    assert lr_factor(55, total, ratio) == pytest.approx(0.5)
+    assert lr_factor(99, total, ratio) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_factor(3, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_accumulation_windows_end_with_a_short_one():
+    assert window_ends(10, 4) == [4, 8, 10]
+    assert window_ends(8, 4) == [4, 8]
+    assert window_ends(3, 1) == [1, 2, 3]
+
+
+def test_sampler_shards_a_seeded_permutation_across_ranks():
+    s = TrainSettings(template="default", batch_size=2, seed=3)
+    one = [i for b in epoch_batches(10, 0, s, 0, 1) for i in b]
+    assert sorted(one) == list(range(10))
+    assert one == [i for b in epoch_batches(10, 0, s, 0, 1) for i in b]  # same seed, same order
+    assert one != [i for b in epoch_batches(10, 1, s, 0, 1) for i in b]  # new epoch, new order
+    r0 = [i for b in epoch_batches(10, 0, s, 0, 2) for i in b]
+    r1 = [i for b in epoch_batches(10, 0, s, 1, 2) for i in b]
+    assert sorted(r0 + r1) == list(range(10)) and len(r0) == len(r1) == 5
+
+
+def test_packing_keeps_samples_whole_and_restarts_positions():
+    samples = [Encoded([10 * k + i for i in range(n)], [-100] + [1] * (n - 1)) for k, n in enumerate((5, 7, 3, 9, 2))]
+    rows = pack(samples, max_length=12, seed=0)
+    assert all(len(r.input_ids) <= 12 for r in rows)
+    runs = []
+    for r in rows:
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0]
+        for a, b in zip(starts, starts[1:] + [len(r.input_ids)]):
+            runs.append(r.input_ids[a:b])
+        assert r.position_ids == [p for a, b in zip(starts, starts[1:] + [len(r.input_ids)]) for p in range(b - a)]
+    # every sample appears exactly once, whole, starting at position 0
+    assert sorted(runs) == sorted(s.input_ids for s in samples)
+    assert pack(samples, 12, seed=0) == rows and pack(samples, 12, seed=1) != rows
+
+
+def train_cmd(work, out, **over):
+    settings = json.dumps({**TINY, **over})
+    return [sys.executable, "-m", "snaketune.cli", "train", "--model", str(TINY_BASE), "--data",
+            str(XTUNER / "data.json"), "--work-dir", str(work), "--settings", settings, "--threads", "1", str(out)]
+
+
+def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
+    """SIGKILL the real process after a checkpoint; the re-run resumes and ends bit-identical."""
+    ref_work, ref_out = tmp_path / "ref", tmp_path / "ref.json"
+    subprocess.run(train_cmd(ref_work, ref_out), check=True, capture_output=True)
+    ref = json.loads(ref_out.read_text())
+    assert ref["iterations"] == 24 and ref["resumed_from"] is None
+
+    work, out, log = tmp_path / "run", tmp_path / "run.json", tmp_path / "train.log"
+    cmd = train_cmd(work, out) + ["--log", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (work / "iter_4.pth" / COMPLETE).exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the final output must appear only when training finished"
+    k = complete_checkpoints(work)[-1][0]
+    assert 4 <= k < 24
+
+    subprocess.run(cmd, check=True, capture_output=True)
+    summary = json.loads(out.read_text())
+    assert summary["resumed_from"] == k
+    assert f"resuming from {work / f'iter_{k}.pth'}: iteration {k} of 24" in log.read_text()
+    a, b = read_lora_state(ref["checkpoint"]), read_lora_state(summary["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # the metrics log has each optimizer step once, as in the uninterrupted run
+    assert [r["iter"] for r in read_jsonl(work / "metrics.jsonl")] == [r["iter"] for r in read_jsonl(ref_work / "metrics.jsonl")]
+    assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [r["loss"] for r in read_jsonl(ref_work / "metrics.jsonl")]
+    # save_total_limit=3: only the three newest checkpoints remain
+    assert [n for n, _ in complete_checkpoints(work)] == [16, 20, 24]
+
+
+def test_torn_checkpoint_is_ignored(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "o.json"
+    subprocess.run(train_cmd(work, out, max_epochs=1), check=True, capture_output=True)
+    # A checkpoint directory whose writing never finished (no completion marker)
+    torn = work / "iter_999.pth"
+    torn.mkdir()
+    (torn / "mp_rank_00_model_states.pt").write_bytes(b"\x80garbage")
+    assert torn_checkpoints(work) == [torn]
+    out.unlink()
+    res = subprocess.run(train_cmd(work, out, max_epochs=1) + ["--log", str(tmp_path / "l.log")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "l.log").read_text()
+    assert "ignoring" in text and "iter_999.pth" in text and "resuming from" in text
+    assert json.loads(out.read_text())["resumed_from"] == 8
+
+
+def test_training_log_records_loss_lr_grad_norm_and_throughput(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "o.json"
+    subprocess.run(train_cmd(work, out, max_epochs=1, warmup_ratio=0.5, evaluation_inputs=["你是谁"],
+                             evaluation_freq=4, evaluation_max_new_tokens=4), check=True, capture_output=True)
+    rows = read_jsonl(work / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens"] > 0 for r in rows)
+    # 4 warm-up iterations of 8; optimizer steps at iterations 2, 4, 6, 8 use the lr of iterations 1, 3, 5, 7
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_factor(i, 8, 0.5) for i in (1, 3, 5, 7)])
+    assert rows[0]["lr"] < rows[1]["lr"]
+    evals = read_jsonl(work / "eval_outputs.jsonl")
+    assert [e["iter"] for e in evals] == [0, 4, 8]  # before training, every evaluation_freq, at the end
+    assert evals[0]["answers"][0]["prompt"] == "你是谁"
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown training settings: batchsize"):
+        TrainSettings.from_dict({"template": "default", "batchsize": 2})
+
+
+def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
+    """Packed samples do not attend to each other: a packed row's loss is the sum of the
+    samples' losses run one by one (fp32, tolerance 1e-4 relative)."""
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.data import read_records
+    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
+    s = TrainSettings(template="internlm2_chat", max_length=256)
+    samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:5], tokenizer, s)
+    assert len({len(x.input_ids) for x in samples}) > 1  # unequal lengths
+    rows = pack(samples, 1024, seed=0)
+    assert len(rows) == 1 and len(rows[0].input_ids) == sum(len(x.input_ids) for x in samples)
+    with torch.no_grad():
+        packed = token_loss_sum(model, *collate(rows, tokenizer.pad_token_id))
+        one_by_one = sum(token_loss_sum(model, *collate([r], tokenizer.pad_token_id)) for r in as_rows(samples))
+        # and the same row with no restart of positions (XTuner's packing) attends across samples
+        leaky = rows[0].__class__(rows[0].input_ids, rows[0].labels, list(range(len(rows[0].input_ids))))
+        crossed = token_loss_sum(model, *collate([leaky], tokenizer.pad_token_id))
+    torch.testing.assert_close(packed, one_by_one, rtol=1e-5, atol=1e-3)
+    # the tolerance is far below the effect of attending across samples
+    assert (crossed - one_by_one).abs() > 50 * max((packed - one_by_one).abs(), torch.tensor(1e-3))

@@ -1,0 +1,135 @@
+"""The whole workflow through `snakemake`, as a user runs it, on the tiny model."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, TINY_BASE, copy_workflow, read_jsonl
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+TINY_CONFIG = {
+    "run": ["tiny"],
+    "models": {"tiny_llama": {"source": "local", "path": str(TINY_BASE)}},
+    "datasets": {"sc": {"generator": "self_cognition", "spec": {
+        "name": "Snaky", "owner": "青松", "answers": {"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
+        "copies": 2, "seed": 0}}},
+    "experiments": {"tiny": {
+        "model": "tiny_llama", "dataset": "sc",
+        "train": {"template": "internlm2_chat", "max_length": 64, "batch_size": 2, "accumulative_counts": 2,
+                  "max_epochs": 2, "lr": 1e-3, "save_steps": 4, "save_total_limit": 2, "evaluation_freq": 6,
+                  "evaluation_inputs": ["你是谁"], "evaluation_max_new_tokens": 4,
+                  "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+        # a random 64-wide model will not learn to stop in 12 steps: that check is tested elsewhere
+        "evaluation": {"prompts": ["你是谁", "Who are you?", "你是哪位？"], "identity_keywords": ["Snaky"],
+                       "max_new_tokens": 6, "require_stop": False},
+    }},
+}
+
+
+def snakemake(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
+    res = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def planned_rules(res: subprocess.CompletedProcess) -> set[str]:
+    """Rule names from the job-stats table of a dry run."""
+    out = res.stdout + res.stderr
+    if "Nothing to be done" in out:
+        return set()
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory) -> Path:
+    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
+    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    return wd
+
+
+@pytest.fixture(scope="module")
+def finished(workflow) -> Path:
+    snakemake(workflow, "final_model")
+    return workflow
+
+
+def test_dry_run_shows_every_step_and_why(workflow):
+    res = snakemake(workflow, "-n", "final_model")
+    assert planned_rules(res) == {"generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate",
+                                  "final_model"}
+    assert "reason: Missing output files" in res.stdout + res.stderr
+
+
+def test_final_model_builds_every_file(finished):
+    wd = finished
+    data = json.loads((wd / "results/data/generated/sc.json").read_text())
+    assert len(data) == 12 and data[0]["conversation"][0]["output"]
+    model = wd / "resources/models/tiny_llama"
+    assert model.is_symlink() and model.resolve() == TINY_BASE.resolve()  # the tutorial's ln -s
+    summary = json.loads((wd / "results/tiny/training.json").read_text())
+    assert summary["iterations"] == 12 and summary["resumed_from"] is None
+    ckpts = sorted(p.name for p in (wd / "work_dirs/tiny").glob("iter_*.pth"))
+    assert ckpts == ["iter_12.pth", "iter_8.pth"]  # save_total_limit=2
+    assert (wd / "work_dirs/tiny/last_checkpoint").read_text().endswith("iter_12.pth")
+    assert [r["iter"] for r in read_jsonl(wd / "work_dirs/tiny/eval_outputs.jsonl")] == [0, 6, 12]
+    assert (wd / "results/tiny/adapter/adapter_model.safetensors").exists()
+    merged = wd / "results/tiny/merged"
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+    assert "chat_template" in (merged / "tokenizer_config.json").read_text() or (merged / "chat_template.jinja").exists()
+    rows = read_jsonl(wd / "results/tiny/evaluation.jsonl")
+    assert [r["prompt"] for r in rows] == ["你是谁", "Who are you?", "你是哪位？"]
+    assert [r["in_training_data"] for r in rows] == [True, True, False]
+    assert all(r["finetuned"] == r["base_plus_adapter"] for r in rows)
+    assert "| prompt | in data | base | fine-tuned |" in (wd / "results/tiny/evaluation.md").read_text()
+    for rule in ("generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate"):
+        assert list((wd / "logs" / rule).glob("*.log")), f"no log for {rule}"
+    assert (wd / "benchmarks/train/tiny.tsv").exists()
+
+
+def test_second_run_does_nothing(finished):
+    res = snakemake(finished, "-n", "final_model")
+    assert planned_rules(res) == set()
+
+
+def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd, symlinks=True)
+    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
+    cfg["experiments"]["tiny"]["train"]["lr"] = 5e-4
+    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    res = snakemake(wd, "-n", "final_model")
+    assert planned_rules(res) == {"train", "pth_to_hf", "merge", "evaluate", "final_model"}
+    # and the retraining does not resume from checkpoints made with the old lr
+    snakemake(wd, "results/tiny/training.json")
+    assert json.loads((wd / "results/tiny/training.json").read_text())["resumed_from"] is None
+    assert list((wd / "work_dirs/tiny/superseded").glob("*/iter_12.pth"))
+    assert "moved to" in (wd / "logs/train/tiny.log").read_text()
+
+
+def test_config_typo_fails_before_any_job(workflow, tmp_path):
+    wd = tmp_path / "wf"
+    shutil.copytree(workflow, wd, symlinks=True)
+    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
+    cfg["experiments"]["tiny"]["train"]["learning_rate"] = 1e-3
+    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    res = snakemake(wd, "-n", "final_model", check=False)
+    assert res.returncode != 0 and "learning_rate" in res.stdout + res.stderr
+    cfg["experiments"]["tiny"]["train"].pop("learning_rate")
+    cfg["experiments"]["tiny"]["model"] = "nope"
+    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    res = snakemake(wd, "-n", "final_model", check=False)
+    assert res.returncode != 0 and "experiments.tiny.model: no model named 'nope'" in res.stdout + res.stderr
+
+
+def test_lint_is_clean():
+    res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr
