@@ -69,10 +69,27 @@ def dataset_local_input(wildcards):
     return [d["path"]] if d.get("path") else []
 
 
+def train_ranks(wildcards):
+    e = experiment(wildcards)
+    return e["ranks"] or max(1, e["gpus"])
+
+
 def train_settings(wildcards):
     settings = dict(experiment(wildcards)["train"])
     settings["trust_remote_code"] = trust_remote_code(wildcards)
     return settings
+
+
+def config_record(wildcards):
+    """What training is made from, resolved, for provenance.json (evaluation settings are
+    left out so that editing a prompt does not retrain)."""
+    e = experiment(wildcards)
+    return {
+        "experiment": wildcards.exp,
+        **{k: e[k] for k in ("model", "dataset", "gpus", "ranks", "train")},
+        "model_entry": config["models"][e["model"]],
+        "dataset_entry": config["datasets"][e["dataset"]],
+    }
 
 
 def final_outputs(names):

@@ -5,7 +5,8 @@ rule train:
         model=model_dir,
         data=experiment_data,
     output:
-        "results/{exp}/training.json",
+        summary="results/{exp}/training.json",
+        provenance="results/{exp}/provenance.json",
     log:
         "logs/train/{exp}.log",
     benchmark:
@@ -18,5 +19,7 @@ rule train:
     params:
         settings=train_settings,
         work_dir=lambda wc: f"work_dirs/{wc.exp}",
+        ranks=train_ranks,
+        config_record=config_record,
     script:
         "../scripts/train.py"

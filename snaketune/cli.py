@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ def _json_arg(text: str) -> Any:
 
 
 def setup_logging(log_file: str | None) -> None:
+    """Rank 0 (or a lone process) logs to the file; other ranks print warnings only."""
+    from .launch import rank
+
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank() != 0:
+        logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
+                            format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s")
+        return
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
@@ -59,10 +67,36 @@ def cmd_fetch_model(a) -> None:
     fetch_model(a.spec, a.output, a.cache_dir)
 
 
-def cmd_train(a) -> None:
+def cmd_train(a, argv: list[str]) -> None:
+    from .launch import die_with_parent, inside_launcher, torchrun_command
     from .train import TrainSettings, train
 
-    train(a.model, a.data, a.work_dir, TrainSettings.from_dict(a.settings), result=a.output, threads=a.threads)
+    if a.ranks > 1 and not inside_launcher():
+        # Become torchrun (exec: same process, so killing the job kills the launcher, and the
+        # ranks die with it), running this very command once per rank, threads shared out.
+        args = _without(argv, "--ranks", "--threads") + ["--threads", str(max(1, (a.threads or 1) // a.ranks))]
+        cmd = torchrun_command(a.ranks, args)
+        logging.getLogger("snaketune").info("starting %d ranks: %s", a.ranks, " ".join(cmd))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
+    if inside_launcher():
+        die_with_parent()
+    train(a.model, a.data, a.work_dir, TrainSettings.from_dict(a.settings), result=a.output, threads=a.threads,
+          provenance=a.provenance, config_record=a.config_record, workflow_dir=a.workflow_dir)
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
+            out.append(arg)
+    return out
 
 
 def cmd_pth_to_hf(a) -> None:
@@ -125,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="dataset in XTuner's conversation format")
     sp.add_argument("--work-dir", required=True, help="where iter_N.pth checkpoints go")
     sp.add_argument("--settings", type=_json_arg, required=True, help="training settings (XTuner names), JSON/YAML or @file")
-    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--threads", type=int, default=None, help="CPU threads in all (shared among ranks)")
+    sp.add_argument("--ranks", type=int, default=1,
+                    help="data-parallel processes (GPUs, or CPU ranks with gloo), started with torchrun")
+    sp.add_argument("--provenance", help="also write provenance.json here")
+    sp.add_argument("--config-record", type=_json_arg, default=None,
+                    help="the resolved experiment config to record in the provenance")
+    sp.add_argument("--workflow-dir", default=".", help="whose git commit the provenance records")
     sp.add_argument("output", help="summary JSON written when training has finished")
 
     sp = add("pth_to_hf", cmd_pth_to_hf, "convert a checkpoint to a PEFT adapter (xtuner convert pth_to_hf)")
@@ -161,9 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
-    args.func(args)
+    if args.func is cmd_train:
+        cmd_train(args, argv)
+    else:
+        args.func(args)
 
 
 def script(command: str, smk: Any, to_argv) -> None:

@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -276,17 +275,13 @@ def _set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_dist_env() -> None:
     """A lone process gets the rendezvous variables DeepSpeed would otherwise look for through MPI."""
+    from .launch import free_port
+
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
 
 
 def deepspeed_config(s: TrainSettings) -> dict:
@@ -310,8 +305,10 @@ def deepspeed_config(s: TrainSettings) -> dict:
 
 
 def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: str | os.PathLike,
-          settings: TrainSettings, *, result: str | os.PathLike, threads: int | None = None) -> dict:
-    """Train (or resume) and return the summary written to ``result``."""
+          settings: TrainSettings, *, result: str | os.PathLike, threads: int | None = None,
+          provenance: str | os.PathLike | None = None, config_record: dict | None = None,
+          workflow_dir: str | os.PathLike = ".") -> dict:
+    """Train (or resume) and return the summary written to ``result`` (and ``provenance``)."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -332,6 +329,7 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     main = rank == 0
     work_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, evals_path = work_dir / "metrics.jsonl", work_dir / "eval_outputs.jsonl"
+    runs_path = work_dir / "runs.jsonl"  # one line per start of this training, for provenance
 
     random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -349,6 +347,10 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
         log.info("data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, "
                  "%d optimizer steps", data_stats, len(rows), n_tokens, "on" if s.pack_to_max_length else "off",
                  world, ipe, total_iters, len(ends))
+        real = sum(len(rows[i].input_ids) for b in epoch_batches(len(rows), 0, s, rank, world) for i in b)
+        padded = sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in epoch_batches(len(rows), 0, s, rank, world))
+        log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f, %.0f tokens per optimizer step",
+                 rank, real, 1 - real / padded, real * world / math.ceil(ipe / s.accumulative_counts))
         if data_stats["truncated_samples"]:
             log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
                         data_stats["truncated_samples"], s.max_length, data_stats["truncated_tokens"])
@@ -359,8 +361,12 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    # The step that closes a window uses the LR of the window's first iteration, so the LR per
+    # optimizer step does not depend on how a global batch is split into accumulation and ranks
+    # (XTuner samples the window's last iteration: acc-1 iterations later).
+    starts = [0, *ends[:-1]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(ends[min(step, len(ends) - 1)] - 1, total_iters, s.warmup_ratio))
+        optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], total_iters, s.warmup_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s))
 
@@ -388,8 +394,11 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
             _truncate_jsonl(metrics_path, lambda r: r["iter"] <= iteration)
             _truncate_jsonl(evals_path, lambda r: r["iter"] <= iteration)
     elif main:
-        for p in (metrics_path, evals_path):
+        for p in (metrics_path, evals_path, runs_path):
             p.unlink(missing_ok=True)
+    if main:
+        with runs_path.open("a") as f:
+            f.write(json.dumps({"start": _now(), "resumed_from": resumed_from, "world_size": world}) + "\n")
 
     def evaluate(at: int) -> None:
         if main and s.evaluation_inputs:
@@ -429,16 +438,18 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
         if end <= iteration:
             continue
         t0 = time.time()
-        window = []
+        window, real_tokens = [], 0
         for it in range(start, end):
             epoch, k = divmod(it, ipe)
             if epoch not in batches_cache:
                 batches_cache = {epoch: epoch_batches(len(rows), epoch, s, rank, world)}
-            window.append(collate([rows[i] for i in batches_cache[epoch][k]], tokenizer.pad_token_id))
+            batch = [rows[i] for i in batches_cache[epoch][k]]
+            real_tokens += sum(len(r.input_ids) for r in batch)
+            window.append(collate(batch, tokenizer.pad_token_id))
         counts = torch.tensor([float(sum((lab[:, 1:] != IGNORE_INDEX).sum() for _, lab, _ in window)),
-                               float(sum(ids.numel() for ids, _, _ in window))])
+                               float(sum(ids.numel() for ids, _, _ in window)), float(real_tokens)])
         dist.all_reduce(counts)
-        n_sup, n_tok = counts.tolist()
+        n_sup, n_tok, n_real = counts.tolist()
         loss_total = torch.zeros(())
         for ids, labels, pos in window:
             ids, labels, pos = ids.to(engine.device), labels.to(engine.device), pos.to(engine.device)
@@ -458,7 +469,8 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
             row = {"iter": iteration, "epoch": (iteration - 1) // ipe, "step": step,
                    "loss": loss_total.item() / n_sup, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens": int(n_tok), "supervised_tokens": int(n_sup), "tokens_per_s": n_tok / dt,
+                   "tokens": int(n_tok), "real_tokens": int(n_real), "padding_fraction": 1 - n_real / n_tok,
+                   "supervised_tokens": int(n_sup), "tokens_per_s": n_real / dt,
                    "time_s": dt}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -478,10 +490,24 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
                    "world_size": world, "resumed_from": resumed_from, "data": data_stats, "rows": len(rows),
                    "tokens_per_epoch": n_tokens, "train_seconds_this_run": time.time() - t_start,
                    "settings": asdict(s)}
+        runs = [json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()]
+        runs[-1]["end"] = _now()
+        _atomic_write(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
+        summary["runs"] = runs
+        if provenance:
+            from . import provenance as prov
+
+            prov.write(provenance, config=config_record or {"train": asdict(s)}, data_file=data_file,
+                       model_dir=model_dir, workflow_dir=workflow_dir, seed=s.seed, world_size=world, runs=runs,
+                       device=device)
         result.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(result, json.dumps(summary, indent=1, ensure_ascii=False))
     dist.barrier()
     return summary
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _truncate_jsonl(path: Path, keep) -> None:

@@ -37,6 +37,7 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 def copy_workflow(dest: Path) -> Path:
     """A user's checkout of the workflow: Snakefile, rules, scripts, config schema, envs, profiles."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "rules", "scripts", "config", "envs", "profiles"):
         src = ROOT / name
         if src.is_dir():

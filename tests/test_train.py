@@ -128,9 +128,10 @@ def test_training_log_records_loss_lr_grad_norm_and_throughput(tmp_path):
     rows = read_jsonl(work / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens"] > 0 for r in rows)
-    # 4 warm-up iterations of 8; optimizer steps at iterations 2, 4, 6, 8 use the lr of iterations 1, 3, 5, 7
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_factor(i, 8, 0.5) for i in (1, 3, 5, 7)])
-    assert rows[0]["lr"] < rows[1]["lr"]
+    # 4 warm-up iterations of 8; the optimizer steps closing windows [0,2), [2,4), ... use the lr
+    # of iterations 0, 2, 4, 6 (the window's first)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_factor(i, 8, 0.5) for i in (0, 2, 4, 6)])
+    assert rows[0]["lr"] < rows[1]["lr"] < rows[2]["lr"] and rows[3]["lr"] < rows[2]["lr"]
     evals = read_jsonl(work / "eval_outputs.jsonl")
     assert [e["iter"] for e in evals] == [0, 4, 8]  # before training, every evaluation_freq, at the end
     assert evals[0]["answers"][0]["prompt"] == "你是谁"
@@ -164,3 +165,31 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     torch.testing.assert_close(packed, one_by_one, rtol=1e-5, atol=1e-3)
     # the tolerance is far below the effect of attending across samples
     assert (crossed - one_by_one).abs() > 50 * max((packed - one_by_one).abs(), torch.tensor(1e-3))
+
+
+def test_kill_while_a_checkpoint_is_being_written_skips_it(tmp_path):
+    """SIGKILL lands between a checkpoint directory's creation and its completion marker;
+    the re-run ignores that torn checkpoint and resumes from the one before."""
+    for attempt in range(8):
+        work, out = tmp_path / f"w{attempt}", tmp_path / f"o{attempt}.json"
+        proc = subprocess.Popen(train_cmd(work, out, save_steps=2), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        torn = []
+        while proc.poll() is None and not torn:
+            if work.is_dir():
+                torn = [p for p in work.glob("iter_*.pth") if not (p / COMPLETE).exists()]
+        if torn:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if torn_checkpoints(work):
+            break
+    else:
+        pytest.fail("no kill landed inside a checkpoint write in 8 tries")
+    (bad,) = torn_checkpoints(work)
+    before = [n for n, _ in complete_checkpoints(work)]
+    log = tmp_path / "resume.log"
+    subprocess.run(train_cmd(work, out, save_steps=2) + ["--log", str(log)], check=True, capture_output=True)
+    text = log.read_text()
+    assert f"ignoring {bad}: it was not completely written" in text
+    resumed = json.loads(out.read_text())["resumed_from"]
+    assert resumed == (before[-1] if before else None)

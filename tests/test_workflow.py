@@ -1,6 +1,7 @@
 """The whole workflow through `snakemake`, as a user runs it, on the tiny model."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,71 @@ def test_lint_is_clean():
     res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Lints for" not in res.stdout + res.stderr
+
+
+def _training_job_pids(workdir: Path) -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["cwd"] == str(workdir) and "snakemake" not in cmd.split(" ")[1:3] and "train.py" in cmd:
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
+    """SIGKILL the training job mid-run; `snakemake -n` plans train; the same command resumes
+    from the newest checkpoint and ends with the adapter of the uninterrupted run."""
+    import signal
+    import time
+
+    import torch
+
+    from snaketune.export import read_lora_state
+    from snaketune.train import COMPLETE
+
+    wd = copy_workflow(tmp_path / "wf")
+    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    cmd = [*SNAKEMAKE, "--cores", "2", "final_model"]
+    proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
+        assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
+        time.sleep(0.02)
+    pids = _training_job_pids(wd)
+    assert pids, "no training job process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0  # Snakemake saw its job die
+    assert not (wd / "results/tiny/training.json").exists()
+
+    plan = snakemake(wd, "-n", "final_model")
+    assert "train" in planned_rules(plan)
+    snakemake(wd, "final_model")
+    log = (wd / "logs/train/tiny.log").read_text()
+    assert "resuming from work_dirs/tiny/iter_" in log
+    summary = json.loads((wd / "results/tiny/training.json").read_text())
+    assert summary["resumed_from"] in (4, 8)
+    ref = json.loads((finished / "results/tiny/training.json").read_text())
+    a = read_lora_state(wd / "work_dirs/tiny" / Path(summary["checkpoint"]).name)
+    b = read_lora_state(finished / "work_dirs/tiny" / Path(ref["checkpoint"]).name)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    prov = json.loads((wd / "results/tiny/provenance.json").read_text())
+    assert prov["resumed_from"] == [summary["resumed_from"]] and len(prov["runs"]) == 2
+
+
+def test_provenance_records_what_the_model_was_made_from(finished):
+    from snaketune.provenance import sha256_file
+
+    prov = json.loads((finished / "results/tiny/provenance.json").read_text())
+    assert prov["data"]["sha256"] == sha256_file(finished / "results/data/generated/sc.json")
+    assert prov["config"]["train"]["lr"] == 1e-3 and prov["config"]["model_entry"]["source"] == "local"
+    assert prov["seed"] == 0 and prov["world_size"] == 1
+    assert prov["packages"]["torch"] and prov["packages"]["deepspeed"] and prov["packages"]["snaketune"]
+    assert prov["runs"][0]["start"] and prov["runs"][0]["end"] and prov["resumed_from"] == []
+    assert len(prov["model"]["sha256"]) == 64
+    assert "commit" in prov["workflow"]

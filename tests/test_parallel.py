@@ -1,0 +1,108 @@
+"""Data parallel ranks (gloo on the CPU), loss normalisation, determinism, multi-node launch command."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from snaketune.export import pth_to_hf, read_lora_state
+from snaketune.launch import _first_host, slurm_multinode_command, torchrun_command
+from snaketune.safe_pickle import load_checkpoint
+from snaketune.train import COMPLETE, complete_checkpoints
+
+from .conftest import TINY_BASE, read_jsonl
+from .test_train import train_cmd
+
+# No dropout: ranks draw different random numbers, so dropout would make them differ for that reason alone.
+# warmup_ratio 0.25 gives a whole number of warm-up iterations for 8 and 16 iterations alike.
+EXACT = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_epochs=2, save_steps=2, save_total_limit=5,
+             warmup_ratio=0.25)
+
+
+def run(tmp_path, name, ranks=1, **over):
+    work, out = tmp_path / name, tmp_path / f"{name}.json"
+    cmd = train_cmd(work, out, **{**EXACT, **over}) + ["--ranks", str(ranks), "--threads", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return work, json.loads(out.read_text())
+
+
+def test_two_ranks_equal_one_rank_with_double_accumulation(tmp_path):
+    """Global batch = batch_size x accumulative_counts x ranks: 2 ranks x acc 1 == 1 rank x acc 2.
+    Same samples per optimizer step, so the same losses (rtol 1e-5) and adapters (atol 1e-6)."""
+    w2, s2 = run(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1)
+    w1, s1 = run(tmp_path, "one", ranks=1, batch_size=2, accumulative_counts=2)
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    m2, m1 = read_jsonl(w2 / "metrics.jsonl"), read_jsonl(w1 / "metrics.jsonl")
+    assert [r["iter"] * 2 for r in m2] == [r["iter"] for r in m1]  # iterations count per-rank micro-batches
+    assert [r["supervised_tokens"] for r in m2] == [r["supervised_tokens"] for r in m1]
+    assert [r["loss"] for r in m2] == pytest.approx([r["loss"] for r in m1], rel=1e-5)
+    a, b = read_lora_state(s2["checkpoint"]), read_lora_state(s1["checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    # ZeRO-2 sharded the optimizer state: one partition per rank
+    ckpt = w2 / f"iter_{s2['iterations']}.pth"
+    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # only rank 0 wrote the logs
+    assert len(read_jsonl(w2 / "runs.jsonl")) == 1
+
+
+def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "o.json"
+    cmd = train_cmd(work, out, **EXACT, batch_size=1, accumulative_counts=1) + ["--ranks", "2", "--threads", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (work / "iter_4.pth" / COMPLETE).exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    k, ckpt = complete_checkpoints(work)[-1]
+    # the 2-rank checkpoint converts: the gathered fp32 partitions are the trained weights
+    module = {key: v for key, v in load_checkpoint(ckpt / "mp_rank_00_model_states.pt")["module"].items()}
+    lora = read_lora_state(ckpt)
+    for key, v in lora.items():
+        assert torch.equal(v, module[key.replace(".weight", ".default.weight")])
+    pth_to_hf(ckpt, tmp_path / "adapter", {"r": 8, "alpha": 16, "dropout": 0.0}, str(TINY_BASE))
+    subprocess.run(cmd, check=True, capture_output=True)
+    summary = json.loads(out.read_text())
+    assert summary["resumed_from"] == k and summary["world_size"] == 2
+    _, ref = run(tmp_path, "ref", ranks=2, batch_size=1, accumulative_counts=1)
+    a, b = read_lora_state(summary["checkpoint"]), read_lora_state(ref["checkpoint"])
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
+    """batch 4 x acc 1 and batch 1 x acc 4 on samples of unequal length: same loss and gradient
+    norm at every step (rtol 1e-5). A mean of per-micro-batch means would differ."""
+    wa, _ = run(tmp_path, "b4", batch_size=4, accumulative_counts=1, max_epochs=1, max_norm=1e9)
+    wb, _ = run(tmp_path, "b1", batch_size=1, accumulative_counts=4, max_epochs=1, max_norm=1e9)
+    ma, mb = read_jsonl(wa / "metrics.jsonl"), read_jsonl(wb / "metrics.jsonl")
+    assert len(ma) == len(mb) == 4
+    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)
+    assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-5)
+
+
+def test_two_clean_runs_give_identical_adapters(tmp_path):
+    _, a = run(tmp_path, "a", lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    _, b = run(tmp_path, "b", lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    sa, sb = read_lora_state(a["checkpoint"]), read_lora_state(b["checkpoint"])
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_multi_node_command_from_the_slurm_environment():
+    env = {"SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[03-05,07]", "SLURM_JOB_ID": "4242"}
+    cmd = slurm_multinode_command(env, 8, ["train", "--model", "m"])
+    i = cmd.index("torch.distributed.run")
+    assert cmd[i + 1:] == ["--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", "gpu03:29500", "--rdzv_id", "4242", "-m", "snaketune.cli",
+                           "train", "--model", "m"]
+    assert _first_host("node7,node8") == "node7"
+    assert _first_host("a[10-11],b1") == "a10"
+    one = torchrun_command(2, ["train"], master_port=1234)
+    assert one[one.index("--nproc_per_node") + 1] == "2" and one[-3:] == ["-m", "snaketune.cli", "train"]
