@@ -194,11 +194,29 @@ def load_for_training(model_dir: str | os.PathLike, lora: dict[str, Any], *, qua
         model.enable_input_require_grads()
     config = LoraConfig(task_type="CAUSAL_LM", bias="none", **lora_kwargs(lora))
     model = get_peft_model(model, config)
+    if quantization == "nf4":
+        keep_4bit_weights_trainable(model)
     # LoRA weights stay fp32 (master weights) whatever the compute dtype.
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.float32)
     return model
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference inside a training model.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight
+    the first time the layer runs in eval mode without gradients (the evaluation
+    during training does exactly that) and from then on multiplies through
+    ``gemv_4bit``, which has no autograd: later training steps would silently stop
+    back-propagating through the frozen base layers, and the loss barely falls.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_kwargs(lora: dict[str, Any]) -> dict[str, Any]:

@@ -167,6 +167,36 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     assert (crossed - one_by_one).abs() > 50 * max((packed - one_by_one).abs(), torch.tensor(1e-3))
 
 
+def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
+    """Generating (eval mode, no grad) between training steps must not change the gradients of
+    the next step. bitsandbytes repacks 4-bit weights for inference on CPUs with AVX512-BF16,
+    and the repacked path has no autograd; the trainer turns that off (found on such a CPU,
+    where the default experiment stopped learning after its first evaluation)."""
+    from snaketune.data import read_records
+    from snaketune.generation import generate_answers
+    from snaketune.model import load_for_training
+    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+
+    torch.manual_seed(0)
+    model = load_for_training(TINY_BASE, {"r": 8, "alpha": 16, "dropout": 0.0}, device="cpu")
+    samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:2], tokenizer,
+                                TrainSettings(template="internlm2_chat", max_length=64))
+    batch = collate(as_rows(samples), tokenizer.pad_token_id)
+
+    def lora_grads():
+        model.zero_grad()
+        model.train()
+        token_loss_sum(model, *batch).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    generate_answers(model, tokenizer, "internlm2_chat", ["你是谁"], max_new_tokens=3)
+    after = lora_grads()
+    assert before.keys() == after.keys() and any("layers.0." in n for n in before)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_kill_while_a_checkpoint_is_being_written_skips_it(tmp_path):
     """SIGKILL lands between a checkpoint directory's creation and its completion marker;
     the re-run ignores that torn checkpoint and resumes from the one before."""
