@@ -49,8 +49,15 @@ def model_dir(wildcards):
     return f"resources/models/{experiment(wildcards)['model']}"
 
 
+def data_rule(name):
+    """Which job makes dataset `name` (generated, or converted from a file or hub)."""
+    return (
+        "generate_data" if "generator" in config["datasets"][name] else "convert_data"
+    )
+
+
 def dataset_file(name):
-    kind = "generated" if "generator" in config["datasets"][name] else "converted"
+    kind = "generated" if data_rule(name) == "generate_data" else "converted"
     return f"results/data/{kind}/{name}.json"
 
 
@@ -67,11 +74,6 @@ def dataset_source(wildcards):
 def dataset_local_input(wildcards):
     d = config["datasets"][wildcards.dataset]
     return [d["path"]] if d.get("path") else []
-
-
-def train_ranks(wildcards):
-    e = experiment(wildcards)
-    return e["ranks"] or max(1, e["gpus"])
 
 
 def train_settings(wildcards):
@@ -92,9 +94,35 @@ def config_record(wildcards):
     }
 
 
+def experiment_benchmarks(wildcards):
+    """The benchmark file of every job an experiment's model is made by."""
+    e = experiment(wildcards)
+    return [
+        f"benchmarks/fetch_model/{e['model']}.tsv",
+        f"benchmarks/{data_rule(e['dataset'])}/{e['dataset']}.tsv",
+        *(
+            f"benchmarks/{step}/{wildcards.exp}.tsv"
+            for step in ("train", "pth_to_hf", "merge", "evaluate")
+        ),
+    ]
+
+
+REPORT_PARTS = (
+    "training_curves.svg",
+    "evaluation.html",
+    "provenance.html",
+    "benchmarks.html",
+)
+
+
 def final_outputs(names):
+    """Per experiment: the merged model, its evaluation and the report's parts."""
     return [
         out
         for name in names
-        for out in (f"results/{name}/merged", f"results/{name}/evaluation.md")
+        for out in (
+            f"results/{name}/merged",
+            f"results/{name}/evaluation.md",
+            *(f"results/{name}/report/{part}" for part in REPORT_PARTS),
+        )
     ]

@@ -7,6 +7,8 @@ rule pth_to_hf:
         directory("results/{exp}/adapter"),
     log:
         "logs/pth_to_hf/{exp}.log",
+    benchmark:
+        "benchmarks/pth_to_hf/{exp}.tsv"
     conda:
         "../envs/pth_to_hf.yaml"
     params:

@@ -9,6 +9,8 @@ rule fetch_model:
         directory("resources/models/{model}"),
     log:
         "logs/fetch_model/{model}.log",
+    benchmark:
+        "benchmarks/fetch_model/{model}.tsv"
     conda:
         "../envs/fetch_model.yaml"
     params:

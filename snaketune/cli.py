@@ -124,6 +124,15 @@ def cmd_evaluate(a) -> None:
              trust_remote_code=a.trust_remote_code, out_jsonl=a.output, out_md=a.markdown, **spec)
 
 
+def cmd_report(a) -> None:
+    from . import report
+
+    report.training_curves(report.metrics_beside(a.training), a.curves, title=f"{a.title}: training")
+    report.evaluation_page(a.evaluation, a.evaluation_page, title=f"{a.title}: base vs fine-tuned")
+    report.provenance_page(a.provenance, a.provenance_page, title=f"{a.title}: provenance")
+    report.benchmarks_page(a.benchmarks, a.benchmarks_page, title=f"{a.title}: benchmarks")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -197,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("adapter")
     sp.add_argument("merged")
     sp.add_argument("output", help="JSONL of answers")
+
+    sp = add("report", cmd_report, "the report's parts: training curves, evaluation, provenance, benchmarks")
+    sp.add_argument("--title", default="experiment")
+    sp.add_argument("--training", required=True, help="the train summary JSON (its checkpoint's metrics.jsonl is plotted)")
+    sp.add_argument("--evaluation", required=True, help="evaluation JSONL")
+    sp.add_argument("--provenance", required=True, help="provenance.json")
+    sp.add_argument("--curves", required=True, help="SVG to write: loss, lr and grad norm per step")
+    sp.add_argument("--evaluation-page", required=True, help="HTML to write")
+    sp.add_argument("--provenance-page", required=True, help="HTML to write")
+    sp.add_argument("--benchmarks-page", required=True, help="HTML to write")
+    sp.add_argument("benchmarks", nargs="*", help="Snakemake benchmark TSVs (benchmarks/<rule>/<name>.tsv)")
     return p
 
 

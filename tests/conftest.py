@@ -36,9 +36,9 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 def copy_workflow(dest: Path) -> Path:
-    """A user's checkout of the workflow: Snakefile, rules, scripts, config schema, envs, profiles."""
+    """A user's checkout of the workflow: Snakefile, rules, scripts, config, envs, profiles, report captions."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "rules", "scripts", "config", "envs", "profiles"):
+    for name in ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name)

@@ -49,3 +49,7 @@ def test_env_pins_agree_with_requirements():
             assert REQUIREMENTS.get(name) == version, f"{env.name}: {name}=={version}, requirements.txt has {REQUIREMENTS.get(name)}"
         unpinned = [d for d in pip if not d.startswith("-") and "==" not in d]
         assert not unpinned, f"{env.name}: unpinned {unpinned}"
+        # every rule's script runs the snaketune package: the env installs this checkout's
+        # (conda runs pip in the env file's folder, so ".." is the repository)
+        assert "-e .." in pip, f"{env.name} does not install the snaketune package"
+        assert (env.parent / ".." / "pyproject.toml").resolve() == ROOT / "pyproject.toml"

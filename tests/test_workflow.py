@@ -65,7 +65,7 @@ def finished(workflow) -> Path:
 def test_dry_run_shows_every_step_and_why(workflow):
     res = snakemake(workflow, "-n", "final_model")
     assert planned_rules(res) == {"generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate",
-                                  "final_model"}
+                                  "report_experiment", "final_model"}
     assert "reason: Missing output files" in res.stdout + res.stderr
 
 
@@ -90,9 +90,11 @@ def test_final_model_builds_every_file(finished):
     assert [r["in_training_data"] for r in rows] == [True, True, False]
     assert all(r["finetuned"] == r["base_plus_adapter"] for r in rows)
     assert "| prompt | in data | base | fine-tuned |" in (wd / "results/tiny/evaluation.md").read_text()
-    for rule in ("generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate"):
+    for rule in ("generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate", "report_experiment"):
         assert list((wd / "logs" / rule).glob("*.log")), f"no log for {rule}"
-    assert (wd / "benchmarks/train/tiny.tsv").exists()
+    for bench in ("generate_data/sc", "fetch_model/tiny_llama", "train/tiny", "pth_to_hf/tiny", "merge/tiny",
+                  "evaluate/tiny"):
+        assert (wd / f"benchmarks/{bench}.tsv").exists(), bench
 
 
 def test_second_run_does_nothing(finished):
@@ -107,7 +109,7 @@ def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
     cfg["experiments"]["tiny"]["train"]["lr"] = 5e-4
     (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
     res = snakemake(wd, "-n", "final_model")
-    assert planned_rules(res) == {"train", "pth_to_hf", "merge", "evaluate", "final_model"}
+    assert planned_rules(res) == {"train", "pth_to_hf", "merge", "evaluate", "report_experiment", "final_model"}
     # and the retraining does not resume from checkpoints made with the old lr
     snakemake(wd, "results/tiny/training.json")
     assert json.loads((wd / "results/tiny/training.json").read_text())["resumed_from"] is None
@@ -134,6 +136,71 @@ def test_lint_is_clean():
     res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Lints for" not in res.stdout + res.stderr
+
+
+def test_snakefmt_is_clean():
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    res = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _embedded_files(report_html: str) -> dict[str, str]:
+    """The files a self-contained Snakemake report embeds, by name: its `results` object holds each
+    result's data URI."""
+    import base64
+
+    at = report_html.index("results = {") + len("results = ")
+    results, _ = json.JSONDecoder().raw_decode(report_html, at)
+    found = {}
+    for res in results.values():
+        header, payload = res["data_uri"].split(",", 1)
+        assert header.endswith(";base64"), header
+        found[res["filename"]] = base64.b64decode(payload).decode("utf-8")
+    return found
+
+
+def test_report_shows_curves_answers_provenance_and_benchmarks(finished, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(finished, "--report", str(report), "final_model")
+    files = _embedded_files(report.read_text())
+    assert {"training_curves.svg", "evaluation.html", "provenance.html", "benchmarks.html"} <= set(files), list(files)
+    curves = files["training_curves.svg"]
+    assert curves.lstrip().startswith("<?xml") and "<svg" in curves
+    for label in ("loss", "learning rate", "gradient norm", "optimizer step"):
+        assert label in curves, label
+    answers = files["evaluation.html"]
+    for row in read_jsonl(finished / "results/tiny/evaluation.jsonl"):
+        assert html_escape(row["prompt"]) in answers and html_escape(row["finetuned"]) in answers
+    prov = json.loads((finished / "results/tiny/provenance.json").read_text())
+    assert prov["data"]["sha256"] in files["provenance.html"] and prov["model"]["sha256"] in files["provenance.html"]
+    bench = files["benchmarks.html"]
+    for rule in ("fetch_model", "generate_data", "train", "pth_to_hf", "merge", "evaluate"):
+        assert f"<td>{rule}</td>" in bench, rule
+    assert "max_rss" in bench
+
+
+def html_escape(text: str) -> str:
+    """As pandas escapes table cells: &, < and >."""
+    import html
+
+    return html.escape(text, quote=False)
+
+
+def test_containerize_names_every_env(tmp_path):
+    """`snakemake --containerize` writes a Dockerfile that creates each rule's env. Snakemake asks
+    conda for the platform first, so this needs conda; conda-forge is out of reach here."""
+    if not shutil.which("conda"):
+        pytest.skip("snakemake --containerize needs conda on PATH")
+    wd = copy_workflow(tmp_path / "wf")
+    res = subprocess.run([*SNAKEMAKE, "--containerize"], cwd=wd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("FROM ")
+    copied = {line.split()[1] for line in lines if line.startswith("COPY ")}
+    envs = sorted((wd / "envs").glob("*.yaml"))
+    assert copied <= {f"envs/{env.name}" for env in envs}
+    # Snakemake creates env files of identical content once
+    assert {(wd / c).read_text() for c in copied} == {env.read_text() for env in envs}
 
 
 def _training_job_pids(workdir: Path) -> list[int]:
