@@ -19,7 +19,8 @@ rule train:
     params:
         settings=train_settings,
         work_dir=lambda wc: f"work_dirs/{wc.exp}",
-        ranks=train_ranks,
+        # null: one rank per GPU the job got (a profile may set the gpu count)
+        ranks=lambda wc: experiment(wc)["ranks"],
         config_record=config_record,
     script:
         "../scripts/train.py"
