@@ -1,0 +1,82 @@
+"""Packing vs no packing on the default experiment: wall time, throughput, padding, final loss.
+
+Run after the default workflow (it needs its model and data):
+    snakemake --cores all final_model && python bench/packing.py
+Writes bench/results/packing.json and prints a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_settings(experiment: str) -> dict:
+    """The experiment's training settings as the workflow resolves them (schema defaults filled in)."""
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    validate(config, str(ROOT / "config/schema.yaml"))
+    return config["experiments"][experiment]["train"]
+
+
+def run(settings: dict, model: Path, data: Path, work: Path, threads: int) -> dict:
+    out = work / "summary.json"
+    cmd = [sys.executable, "-m", "snaketune.cli", "train", "--model", str(model), "--data", str(data),
+           "--work-dir", str(work / "ckpt"), "--settings", json.dumps(settings), "--threads", str(threads), str(out)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.time() - t0
+    summary = json.loads(out.read_text())
+    metrics = [json.loads(line) for line in (work / "ckpt/metrics.jsonl").read_text().splitlines()]
+    steps_time = sum(m["time_s"] for m in metrics)
+    return {
+        "pack_to_max_length": settings["pack_to_max_length"],
+        "wall_s": round(wall, 1),
+        "train_steps_s": round(steps_time, 1),
+        "rows": summary["rows"],
+        "optimizer_steps": summary["optimizer_steps"],
+        "real_tokens_per_s": round(sum(m["real_tokens"] for m in metrics) / steps_time, 1),
+        "padding_fraction": round(sum(m["tokens"] - m["real_tokens"] for m in metrics)
+                                  / sum(m["tokens"] for m in metrics), 3),
+        "final_loss": round(metrics[-1]["loss"], 4),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="identity")
+    p.add_argument("--model", default="resources/models/smollm2_135m_instruct")
+    p.add_argument("--data", default="results/data/generated/self_cognition.json")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench/results/packing.json"))
+    a = p.parse_args()
+    base = default_settings(a.experiment)
+    base["evaluation_inputs"] = []  # time training, not generation
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pack in (False, True):
+            rows.append(run({**base, "pack_to_max_length": pack}, Path(a.model), Path(a.data),
+                            Path(tmp) / f"pack_{pack}", a.threads))
+    record = {"experiment": a.experiment, "max_length": base["max_length"], "batch_size": base["batch_size"],
+              "threads": a.threads, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "date": time.strftime("%Y-%m-%d"), "runs": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
