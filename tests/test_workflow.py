@@ -49,6 +49,14 @@ def planned_rules(res: subprocess.CompletedProcess) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
 
 
+def edit_config(wd: Path, change) -> None:
+    """Change a workflow copy's config/config.yaml in place: ``change(cfg)``."""
+    path = wd / "config/config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    change(cfg)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+
+
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory) -> Path:
     wd = copy_workflow(tmp_path_factory.mktemp("wf"))
@@ -105,9 +113,7 @@ def test_second_run_does_nothing(finished):
 def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
     wd = tmp_path / "wf"
     shutil.copytree(finished, wd, symlinks=True)
-    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
-    cfg["experiments"]["tiny"]["train"]["lr"] = 5e-4
-    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    edit_config(wd, lambda cfg: cfg["experiments"]["tiny"]["train"].update(lr=5e-4))
     res = snakemake(wd, "-n", "final_model")
     assert planned_rules(res) == {"train", "pth_to_hf", "merge", "evaluate", "report_experiment", "final_model"}
     # and the retraining does not resume from checkpoints made with the old lr
@@ -120,14 +126,11 @@ def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
 def test_config_typo_fails_before_any_job(workflow, tmp_path):
     wd = tmp_path / "wf"
     shutil.copytree(workflow, wd, symlinks=True)
-    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
-    cfg["experiments"]["tiny"]["train"]["learning_rate"] = 1e-3
-    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    edit_config(wd, lambda cfg: cfg["experiments"]["tiny"]["train"].update(learning_rate=1e-3))
     res = snakemake(wd, "-n", "final_model", check=False)
     assert res.returncode != 0 and "learning_rate" in res.stdout + res.stderr
-    cfg["experiments"]["tiny"]["train"].pop("learning_rate")
-    cfg["experiments"]["tiny"]["model"] = "nope"
-    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    edit_config(wd, lambda cfg: (cfg["experiments"]["tiny"]["train"].pop("learning_rate"),
+                                 cfg["experiments"]["tiny"].update(model="nope")))
     res = snakemake(wd, "-n", "final_model", check=False)
     assert res.returncode != 0 and "experiments.tiny.model: no model named 'nope'" in res.stdout + res.stderr
 
