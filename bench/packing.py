@@ -22,6 +22,16 @@ from snakemake.utils import validate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, and whether it has AVX-512 (it changes the speed)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return f"{name or 'unknown CPU'}, {'with' if 'avx512f' in info else 'without'} AVX-512"
+
+
 def default_settings(experiment: str) -> dict:
     """The experiment's training settings as the workflow resolves them (schema defaults filled in)."""
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
@@ -68,7 +78,7 @@ def main() -> None:
             rows.append(run({**base, "pack_to_max_length": pack}, Path(a.model), Path(a.data),
                             Path(tmp) / f"pack_{pack}", a.threads))
     record = {"experiment": a.experiment, "max_length": base["max_length"], "batch_size": base["batch_size"],
-              "threads": a.threads, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "threads": a.threads, "machine": f"{platform.machine()}, {cpu_model()}",
               "date": time.strftime("%Y-%m-%d"), "runs": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
