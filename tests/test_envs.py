@@ -53,3 +53,17 @@ def test_env_pins_agree_with_requirements():
         # (conda runs pip in the env file's folder, so ".." is the repository)
         assert "-e .." in pip, f"{env.name} does not install the snaketune package"
         assert (env.parent / ".." / "pyproject.toml").resolve() == ROOT / "pyproject.toml"
+
+
+def test_every_script_runs_by_hand_with_help(tmp_path):
+    """Each `scripts/<rule>.py` is also a shell command: `--help` prints its usage, from any directory."""
+    import subprocess
+    import sys
+
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    used = {m for body in rules().values() for m in re.findall(r'script:\s*\n\s*"\.\./scripts/(\w+\.py)"', body)}
+    assert used and used <= {s.name for s in scripts}
+    for path in scripts:
+        res = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode == 0, f"{path.name} --help: {res.stderr[-2000:]}"
+        assert res.stdout.startswith("usage: snaketune "), res.stdout[:200]
