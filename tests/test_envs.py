@@ -1,6 +1,8 @@
 """Every rule has a pinned env, log and conda directive; env files agree with requirements.txt."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -57,9 +59,6 @@ def test_env_pins_agree_with_requirements():
 
 def test_every_script_runs_by_hand_with_help(tmp_path):
     """Each `scripts/<rule>.py` is also a shell command: `--help` prints its usage, from any directory."""
-    import subprocess
-    import sys
-
     scripts = sorted((ROOT / "scripts").glob("*.py"))
     used = {m for body in rules().values() for m in re.findall(r'script:\s*\n\s*"\.\./scripts/(\w+\.py)"', body)}
     assert used and used <= {s.name for s in scripts}

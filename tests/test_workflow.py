@@ -238,14 +238,14 @@ def test_containerize_names_every_env(tmp_path):
     instructions = [i["instruction"] for i in parser.structure]
     assert instructions[0] == "FROM" and parser.baseimage.startswith("condaforge/")
 
-    envs = sorted((wd / "envs").glob("*.yaml"))
-    rules_with_env = {line.split()[-1].rstrip(".") for line in res.stderr.splitlines() if "Hashing conda environment" in line}
+    envs = {f"envs/{e.name}" for e in (wd / "envs").glob("*.yaml")}
+    hashed = {line.split()[-1].rstrip(".") for line in res.stderr.splitlines() if "Hashing conda environment" in line}
     # every rule's env file went into the image's hash; all rules declare one
-    assert {f"envs/{e.name}" for e in envs} == rules_with_env
+    assert hashed == envs
     copies = {i["value"].split()[0]: i["value"].split()[1] for i in parser.structure if i["instruction"] == "COPY"}
-    assert set(copies) <= {f"envs/{e.name}" for e in envs} and copies
+    assert copies and set(copies) <= envs
     # identical env files are created once; each distinct content is created
-    assert {(wd / c).read_text() for c in copies} == {e.read_text() for e in envs}
+    assert {(wd / c).read_text() for c in copies} == {(wd / e).read_text() for e in envs}
     runs = " ".join(i["value"] for i in parser.structure if i["instruction"] == "RUN")
     for target in copies.values():
         assert f"conda env create --prefix {Path(target).parent} --file {target}" in runs
