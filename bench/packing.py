@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import yaml
-from snakemake.utils import validate
+
+from snaketune.config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,25 +33,22 @@ def cpu_model() -> str:
     return f"{name or 'unknown CPU'}, {'with' if 'avx512f' in info else 'without'} AVX-512"
 
 
-def default_settings(experiment: str) -> dict:
-    """The experiment's training settings as the workflow resolves them (schema defaults filled in)."""
-    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    validate(config, str(ROOT / "config/schema.yaml"))
-    return config["experiments"][experiment]["train"]
-
-
-def run(settings: dict, model: Path, data: Path, work: Path, threads: int) -> dict:
+def run(experiment: str, pack: bool, model: Path, data: Path, work: Path, threads: int) -> dict:
+    """Train the experiment from the workflow's config with packing on or off (evaluation off)."""
     out = work / "summary.json"
-    cmd = [sys.executable, "-m", "snaketune.cli", "train", "--model", str(model), "--data", str(data),
-           "--work-dir", str(work / "ckpt"), "--settings", json.dumps(settings), "--threads", str(threads), str(out)]
+    cmd = [sys.executable, "-m", "snaketune.cli", "train", "--config", str(ROOT / "config/config.yaml"), experiment,
+           "--set", f"train.pack_to_max_length={str(pack).lower()}", "--set", "train.evaluation_inputs=[]",
+           "--model", str(model), "--data", str(data), "--work-dir", str(work / "ckpt"), "--summary", str(out),
+           "--metrics", str(work / "metrics.jsonl"), "--provenance", str(work / "provenance.json"),
+           "--threads", str(threads)]
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.time() - t0
     summary = json.loads(out.read_text())
-    metrics = [json.loads(line) for line in (work / "ckpt/metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     steps_time = sum(m["time_s"] for m in metrics)
     return {
-        "pack_to_max_length": settings["pack_to_max_length"],
+        "pack_to_max_length": pack,
         "wall_s": round(wall, 1),
         "train_steps_s": round(steps_time, 1),
         "rows": summary["rows"],
@@ -69,19 +67,18 @@ def main() -> None:
     p.add_argument("--data", default="results/data/generated/self_cognition.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench/results/packing.json"))
-    a = p.parse_args()
-    base = default_settings(a.experiment)
-    base["evaluation_inputs"] = []  # time training, not generation
+    args = p.parse_args()
+    train = resolve(yaml.safe_load((ROOT / "config/config.yaml").read_text()), args.experiment).train
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pack in (False, True):
-            rows.append(run({**base, "pack_to_max_length": pack}, Path(a.model), Path(a.data),
-                            Path(tmp) / f"pack_{pack}", a.threads))
-    record = {"experiment": a.experiment, "max_length": base["max_length"], "batch_size": base["batch_size"],
-              "threads": a.threads, "machine": f"{platform.machine()}, {cpu_model()}",
+            rows.append(run(args.experiment, pack, Path(args.model), Path(args.data), Path(tmp) / f"pack_{pack}",
+                            args.threads))
+    record = {"experiment": args.experiment, "max_length": train.max_length, "batch_size": train.batch_size,
+              "threads": args.threads, "machine": f"{platform.machine()}, {cpu_model()}",
               "date": time.strftime("%Y-%m-%d"), "runs": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

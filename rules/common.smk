@@ -1,105 +1,90 @@
-# Config access and every input/params function of the workflow.
-from pathlib import Path
+# Config access and every input/params function of the workflow. The experiment is resolved
+# once (snaketune.config: typed sections, defaults, cross-checks); each rule gets only its own
+# section, as a plain dict that Snakemake compares between runs.
+from dataclasses import asdict
+from functools import cache
+
+from snaketune import config as st_config
+
+st_config.check(config)
 
 
-def _check_references():
-    """Fail before any job runs when names in the config point nowhere."""
-    problems = []
-    for name in config["run"]:
-        if name not in config["experiments"]:
-            problems.append(
-                f"run: experiment {name!r} is not defined under experiments"
-            )
-    for name, e in config["experiments"].items():
-        if e["model"] not in config["models"]:
-            problems.append(
-                f"experiments.{name}.model: no model named {e['model']!r} under models"
-            )
-        if e["dataset"] not in config["datasets"]:
-            problems.append(
-                f"experiments.{name}.dataset: no dataset named {e['dataset']!r} under datasets"
-            )
-    for name, d in config["datasets"].items():
-        if "format" in d and not (d.get("path") or d.get("hub")):
-            problems.append(
-                f"datasets.{name}: a converted dataset needs 'path' (local file) or 'hub'"
-            )
-        if "generator" in d and "spec" not in d:
-            problems.append(f"datasets.{name}: a generated dataset needs 'spec'")
-    if problems:
-        raise ValueError("config errors:\n  " + "\n  ".join(problems))
+@cache
+def resolved(name):
+    return st_config.resolve(config, name)
 
 
-_check_references()
+def section(name):
+    """params function: the experiment's `name` section (train, export, merge, evaluation)."""
+    return lambda wc: asdict(getattr(resolved(wc.exp), name))
 
 
-def experiment(wildcards):
-    return config["experiments"][wildcards.exp]
+def lora(wildcards):
+    return asdict(resolved(wildcards.exp).train.lora)
 
 
-def model_entry(wildcards):
-    return config["models"][experiment(wildcards)["model"]]
+def template(wildcards):
+    return resolved(wildcards.exp).train.template
+
+
+def system_prompt(wildcards):
+    return resolved(wildcards.exp).train.SYSTEM
+
+
+def model_section(wildcards):
+    return asdict(resolved(wildcards.exp).model)
 
 
 def trust_remote_code(wildcards):
-    return model_entry(wildcards).get("trust_remote_code", False)
+    return resolved(wildcards.exp).model.trust_remote_code
+
+
+def provenance_record(wildcards):
+    """What training is made from, for provenance.json (evaluation settings are left out so that
+    editing a prompt does not retrain)."""
+    return resolved(wildcards.exp).provenance_record()
 
 
 def model_dir(wildcards):
-    return f"resources/models/{experiment(wildcards)['model']}"
+    return st_config.model_dir(resolved(wildcards.exp).model_name)
+
+
+def dataset_entry(name):
+    return st_config.DatasetConfig.from_dict(
+        config["datasets"][name], f"datasets.{name}"
+    )
 
 
 def data_rule(name):
     """Which job makes dataset `name` (generated, or converted from a file or hub)."""
-    return (
-        "generate_data" if "generator" in config["datasets"][name] else "convert_data"
-    )
-
-
-def dataset_file(name):
-    kind = "generated" if data_rule(name) == "generate_data" else "converted"
-    return f"results/data/{kind}/{name}.json"
+    return "generate_data" if dataset_entry(name).generated else "convert_data"
 
 
 def experiment_data(wildcards):
-    return dataset_file(experiment(wildcards)["dataset"])
+    exp = resolved(wildcards.exp)
+    return st_config.dataset_file(exp.dataset_name, exp.dataset.generated)
 
 
-def dataset_source(wildcards):
-    """A local source file is an input (editing it re-converts); a hub name is a parameter."""
-    d = config["datasets"][wildcards.dataset]
-    return d.get("path") or d["hub"]
+def dataset_params(wildcards):
+    return asdict(dataset_entry(wildcards.dataset))
 
 
 def dataset_local_input(wildcards):
-    d = config["datasets"][wildcards.dataset]
-    return [d["path"]] if d.get("path") else []
+    """A local source file is an input (editing it re-converts); a hub name is a parameter."""
+    path = dataset_entry(wildcards.dataset).path
+    return [path] if path else []
 
 
-def train_settings(wildcards):
-    settings = dict(experiment(wildcards)["train"])
-    settings["trust_remote_code"] = trust_remote_code(wildcards)
-    return settings
-
-
-def config_record(wildcards):
-    """What training is made from, resolved, for provenance.json (evaluation settings are
-    left out so that editing a prompt does not retrain)."""
-    e = experiment(wildcards)
-    return {
-        "experiment": wildcards.exp,
-        **{k: e[k] for k in ("model", "dataset", "gpus", "ranks", "train")},
-        "model_entry": config["models"][e["model"]],
-        "dataset_entry": config["datasets"][e["dataset"]],
-    }
+def model_params(wildcards):
+    return asdict(st_config.ModelConfig.from_dict(config["models"][wildcards.model]))
 
 
 def experiment_benchmarks(wildcards):
     """The benchmark file of every job an experiment's model is made by."""
-    e = experiment(wildcards)
+    exp = resolved(wildcards.exp)
     return [
-        f"benchmarks/fetch_model/{e['model']}.tsv",
-        f"benchmarks/{data_rule(e['dataset'])}/{e['dataset']}.tsv",
+        f"benchmarks/fetch_model/{exp.model_name}.tsv",
+        f"benchmarks/{data_rule(exp.dataset_name)}/{exp.dataset_name}.tsv",
         *(
             f"benchmarks/{step}/{wildcards.exp}.tsv"
             for step in ("train", "pth_to_hf", "merge", "evaluate")

@@ -16,7 +16,7 @@ rule generate_data:
     conda:
         "../envs/generate_data.yaml"
     params:
-        spec=lambda wc: config["datasets"][wc.dataset]["spec"],
+        dataset=dataset_params,
     script:
         "../scripts/generate_data.py"
 
@@ -34,8 +34,6 @@ rule convert_data:
     conda:
         "../envs/convert_data.yaml"
     params:
-        source=dataset_source,
-        format=lambda wc: config["datasets"][wc.dataset]["format"],
-        split=lambda wc: config["datasets"][wc.dataset]["split"],
+        dataset=dataset_params,
     script:
         "../scripts/convert_data.py"

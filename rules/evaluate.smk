@@ -16,9 +16,9 @@ rule evaluate:
     conda:
         "../envs/evaluate.yaml"
     params:
-        template=lambda wc: experiment(wc)["train"]["template"],
-        system=lambda wc: experiment(wc)["train"]["SYSTEM"],
-        spec=lambda wc: experiment(wc)["evaluation"],
+        evaluation=section("evaluation"),
+        template=template,
+        system=system_prompt,
         trust_remote_code=trust_remote_code,
     script:
         "../scripts/evaluate.py"

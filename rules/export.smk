@@ -1,7 +1,7 @@
 rule pth_to_hf:
     """The final checkpoint as a PEFT adapter (xtuner convert pth_to_hf); fails on an empty or all-zero adapter."""
     input:
-        training="results/{exp}/training.json",
+        summary="results/{exp}/training.json",
         model=model_dir,
     output:
         directory("results/{exp}/adapter"),
@@ -12,9 +12,8 @@ rule pth_to_hf:
     conda:
         "../envs/pth_to_hf.yaml"
     params:
-        lora=lambda wc: experiment(wc)["train"]["lora"],
-        fp32=lambda wc: experiment(wc)["export"]["fp32"],
-        max_shard_size=lambda wc: experiment(wc)["export"]["max_shard_size"],
+        lora=lora,
+        export=section("export"),
     script:
         "../scripts/pth_to_hf.py"
 
@@ -33,9 +32,8 @@ rule merge:
     conda:
         "../envs/merge.yaml"
     params:
-        template=lambda wc: experiment(wc)["train"]["template"],
-        dtype=lambda wc: experiment(wc)["merge"]["dtype"],
-        max_shard_size=lambda wc: experiment(wc)["merge"]["max_shard_size"],
+        merge=section("merge"),
+        template=template,
         trust_remote_code=trust_remote_code,
     script:
         "../scripts/merge.py"

@@ -14,7 +14,7 @@ rule fetch_model:
     conda:
         "../envs/fetch_model.yaml"
     params:
-        spec=lambda wc: config["models"][wc.model],
+        model=model_params,
         cache_dir="resources/downloads",
     script:
         "../scripts/fetch_model.py"

@@ -6,7 +6,7 @@ localrules:
 rule report_experiment:
     """The parts of `snakemake --report`: training curves, evaluation answers, provenance, benchmarks."""
     input:
-        training="results/{exp}/training.json",
+        metrics="results/{exp}/metrics.jsonl",
         provenance="results/{exp}/provenance.json",
         evaluation="results/{exp}/evaluation.jsonl",
         benchmarks=experiment_benchmarks,

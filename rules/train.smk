@@ -6,6 +6,7 @@ rule train:
         data=experiment_data,
     output:
         summary="results/{exp}/training.json",
+        metrics="results/{exp}/metrics.jsonl",
         provenance="results/{exp}/provenance.json",
     log:
         "logs/train/{exp}.log",
@@ -15,12 +16,13 @@ rule train:
         "../envs/train.yaml"
     threads: 8
     resources:
-        gpu=lambda wc: experiment(wc)["gpus"],
+        gpu=lambda wc: resolved(wc.exp).gpus,
     params:
-        settings=train_settings,
+        train=section("train"),
+        model=model_section,
+        record=provenance_record,
         work_dir=lambda wc: f"work_dirs/{wc.exp}",
         # null: one rank per GPU the job got (a profile may set the gpu count)
-        ranks=lambda wc: experiment(wc)["ranks"],
-        config_record=config_record,
+        ranks=lambda wc: resolved(wc.exp).ranks,
     script:
         "../scripts/train.py"

@@ -1,6 +1,12 @@
 """Convert a dataset to XTuner's conversation format. By hand: python scripts/convert_data.py --help"""
 
-from snaketune.cli import script
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import DatasetConfig
+from snaketune.joblog import job
 
-script("convert-data", globals().get("snakemake"),
-       lambda s: ["--format", s.params.format, "--split", s.params.split, s.params.source, s.output[0]])
+if "snakemake" not in globals():
+    by_hand("convert-data")
+else:
+    with job(snakemake.log[0]):
+        steps.convert_data(DatasetConfig.from_dict(snakemake.params.dataset), snakemake.output[0])

@@ -1,11 +1,16 @@
 """Base vs fine-tuned answers and the export checks. By hand: python scripts/evaluate.py --help"""
 
-import json
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import EvaluationConfig
+from snaketune.joblog import job
 
-from snaketune.cli import script
-
-script("evaluate", globals().get("snakemake"),
-       lambda s: ["--template", s.params.template, "--system", s.params.system,
-                  "--spec", json.dumps(s.params.spec), "--data", s.input.data, "--markdown", s.output.markdown,
-                  *(["--trust-remote-code"] if s.params.trust_remote_code else []),
-                  s.input.model, s.input.adapter, s.input.merged, s.output.answers])
+if "snakemake" not in globals():
+    by_hand("evaluate")
+else:
+    params = snakemake.params
+    with job(snakemake.log[0]):
+        steps.evaluate(snakemake.input.model, snakemake.input.adapter, snakemake.input.merged,
+                       EvaluationConfig.from_dict(params.evaluation), template=params.template,
+                       system=params.system, data_file=snakemake.input.data, answers=snakemake.output.answers,
+                       markdown=snakemake.output.markdown, trust_remote_code=params.trust_remote_code)

@@ -1,8 +1,13 @@
 """Link, download or import the base model. By hand: python scripts/fetch_model.py --help"""
 
-import json
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import ModelConfig
+from snaketune.joblog import job
 
-from snaketune.cli import script
-
-script("fetch-model", globals().get("snakemake"),
-       lambda s: ["--spec", json.dumps(s.params.spec), "--cache-dir", s.params.cache_dir, s.output[0]])
+if "snakemake" not in globals():
+    by_hand("fetch-model")
+else:
+    with job(snakemake.log[0]):
+        steps.fetch_model(ModelConfig.from_dict(snakemake.params.model), snakemake.output[0],
+                          snakemake.params.cache_dir)

@@ -1,8 +1,12 @@
-"""Write the self-cognition dataset. By hand: python scripts/generate_data.py --help"""
+"""Write a generated dataset (self-cognition). By hand: python scripts/generate_data.py --help"""
 
-import json
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import DatasetConfig
+from snaketune.joblog import job
 
-from snaketune.cli import script
-
-script("generate-data", globals().get("snakemake"),
-       lambda s: ["--spec", json.dumps(s.params.spec), s.output[0]])
+if "snakemake" not in globals():
+    by_hand("generate-data")
+else:
+    with job(snakemake.log[0]):
+        steps.generate_data(DatasetConfig.from_dict(snakemake.params.dataset), snakemake.output[0])

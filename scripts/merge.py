@@ -1,9 +1,14 @@
 """Base + adapter -> merged model (xtuner convert merge). By hand: python scripts/merge.py --help"""
 
-from snaketune.cli import script
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import MergeConfig
+from snaketune.joblog import job
 
-script("merge", globals().get("snakemake"),
-       lambda s: ["--template", s.params.template, "--dtype", s.params.dtype,
-                  "--max-shard-size", s.params.max_shard_size,
-                  *(["--trust-remote-code"] if s.params.trust_remote_code else []),
-                  s.input.model, s.input.adapter, s.output[0]])
+if "snakemake" not in globals():
+    by_hand("merge")
+else:
+    with job(snakemake.log[0]):
+        steps.merge(snakemake.input.model, snakemake.input.adapter, snakemake.output[0],
+                    MergeConfig.from_dict(snakemake.params.merge), template=snakemake.params.template,
+                    trust_remote_code=snakemake.params.trust_remote_code)

@@ -1,10 +1,13 @@
 """Checkpoint -> PEFT adapter (xtuner convert pth_to_hf). By hand: python scripts/pth_to_hf.py --help"""
 
-import json
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import ExportConfig, LoraConfig
+from snaketune.joblog import job
 
-from snaketune.cli import script
-
-script("pth_to_hf", globals().get("snakemake"),
-       lambda s: ["--lora", json.dumps(s.params.lora), "--base-model", s.input.model,
-                  "--max-shard-size", s.params.max_shard_size, *(["--fp32"] if s.params.fp32 else []),
-                  s.input.training, s.output[0]])
+if "snakemake" not in globals():
+    by_hand("pth_to_hf")
+else:
+    with job(snakemake.log[0]):
+        steps.pth_to_hf(snakemake.input.summary, snakemake.output[0], LoraConfig.from_dict(snakemake.params.lora),
+                        ExportConfig.from_dict(snakemake.params.export), base_model=snakemake.input.model)

@@ -1,9 +1,15 @@
 """The report's parts for one experiment. By hand: python scripts/report.py --help"""
 
-from snaketune.cli import script
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.joblog import job
 
-script("report", globals().get("snakemake"),
-       lambda s: ["--title", s.wildcards.exp, "--training", s.input.training, "--evaluation", s.input.evaluation,
-                  "--provenance", s.input.provenance, "--curves", s.output.curves,
-                  "--evaluation-page", s.output.evaluation, "--provenance-page", s.output.provenance,
-                  "--benchmarks-page", s.output.benchmarks, *s.input.benchmarks])
+if "snakemake" not in globals():
+    by_hand("report")
+else:
+    with job(snakemake.log[0]):
+        steps.report(title=snakemake.wildcards.exp, metrics=snakemake.input.metrics,
+                     evaluation=snakemake.input.evaluation, provenance=snakemake.input.provenance,
+                     benchmarks=list(snakemake.input.benchmarks), curves=snakemake.output.curves,
+                     evaluation_page=snakemake.output.evaluation, provenance_page=snakemake.output.provenance,
+                     benchmarks_page=snakemake.output.benchmarks)

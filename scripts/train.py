@@ -1,13 +1,22 @@
 """QLoRA training, resumable. By hand: python scripts/train.py --help"""
 
-import json
 from pathlib import Path
 
-from snaketune.cli import script
+from snaketune import steps
+from snaketune.cli import by_hand
+from snaketune.config import ModelConfig, TrainConfig
+from snaketune.joblog import job
 
-script("train", globals().get("snakemake"),
-       lambda s: ["--model", s.input.model, "--data", s.input.data, "--work-dir", s.params.work_dir,
-                  "--settings", json.dumps(s.params.settings), "--threads", s.threads,
-                  "--ranks", s.params.ranks or max(1, int(s.resources.get("gpu", 0))), "--provenance", s.output.provenance,
-                  "--config-record", json.dumps(s.params.config_record), "--workflow-dir", Path(s.scriptdir).parent,
-                  s.output.summary])
+if "snakemake" not in globals():
+    by_hand("train")
+else:
+    params = snakemake.params
+    with job(snakemake.log[0]):
+        steps.train(model_dir=snakemake.input.model, data_file=snakemake.input.data, work_dir=params.work_dir,
+                    summary=snakemake.output.summary, metrics=snakemake.output.metrics,
+                    provenance=snakemake.output.provenance, train=TrainConfig.from_dict(params.train),
+                    model=ModelConfig.from_dict(params.model), record=params.record,
+                    # null ranks: one per GPU the job got (a profile may set the gpu count)
+                    ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
+                    threads=snakemake.threads, workflow_dir=Path(snakemake.scriptdir).parent,
+                    log_file=snakemake.log[0])

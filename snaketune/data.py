@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .files import write_json, write_jsonl
 
 Record = dict[str, Any]
 
@@ -82,22 +83,10 @@ def load_hub_dataset(name: str, split: str = "train", revision: str | None = Non
 
 def write_records(records: Iterable[Record], path: str | os.PathLike) -> None:
     """Write JSON or JSON lines (by suffix) atomically: a failure leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = list(records)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            else:
-                json.dump(records, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    if Path(path).suffix == ".jsonl":
+        write_jsonl(path, records)
+    else:
+        write_json(path, list(records))
 
 
 # ---------------------------------------------------------------- checks
@@ -280,3 +269,6 @@ def self_cognition(*, name: str, owner: str, answers: dict[str, str], questions:
     records = records * copies
     random.Random(seed).shuffle(records)
     return records
+
+
+GENERATORS: dict[str, Callable[..., list[Record]]] = {"self_cognition": self_cognition}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
+from .config import EvaluationConfig
 from .generation import generate_answers
 
 log = logging.getLogger(__name__)
@@ -16,16 +16,19 @@ class CheckFailed(RuntimeError):
     pass
 
 
-def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike, *,
-             template: str, prompts: list[str], system: str = "", trained_prompts: set[str] = frozenset(),
-             identity_keywords: list[str] = (), max_new_tokens: int = 64, require_stop: bool = True,
-             trust_remote_code: bool = False, out_jsonl: str | os.PathLike, out_md: str | os.PathLike) -> dict:
+def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
+             evaluation: EvaluationConfig, *, template: str, system: str = "",
+             trained_prompts: set[str] = frozenset(), trust_remote_code: bool = False,
+             out_jsonl: str | os.PathLike, out_md: str | os.PathLike) -> dict:
+    """Greedy answers of base, base + adapter and merged model to ``evaluation.prompts``."""
     from transformers import AutoModelForCausalLM
 
     from .data import write_records
-    from .export import load_base, load_peft_model
-    from .model import load_tokenizer
+    from .files import write_text
+    from .model import load_base, load_peft_model, load_tokenizer
 
+    prompts, identity_keywords = evaluation.prompts, evaluation.identity_keywords
+    max_new_tokens = evaluation.max_new_tokens
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     gen = dict(system=system, max_new_tokens=max_new_tokens)
     peft_model = load_peft_model(load_base(base_dir, "float32", trust_remote_code), adapter_dir)
@@ -49,12 +52,12 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
     summary = _summary(rows, identity_keywords)
     table = _markdown(rows, summary, identity_keywords)
     write_records(rows, out_jsonl)
-    Path(out_md).write_text(table, encoding="utf-8")
+    write_text(out_md, table)
     log.info("evaluation summary: %s", summary)
 
     problems = [f"merged model and base + adapter disagree on {r['prompt']!r}: {r['finetuned']!r} vs "
                 f"{r['base_plus_adapter']!r}" for r in rows if r["finetuned"] != r["base_plus_adapter"]]
-    if require_stop:
+    if evaluation.require_stop:
         problems += [f"fine-tuned answer to {r['prompt']!r} never stopped: it ran to max_new_tokens={max_new_tokens} "
                      "without the template's stop word (check the template and that the suffix was trained)"
                      for r in rows if not r["finetuned_stopped"]]

@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
+
+from .config import ExportConfig, LoraConfig, MergeConfig
+from .files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,7 @@ def target_modules(state: dict[str, Any]) -> list[str]:
     return sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
 
 
-def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], *, fp32: bool = False,
-                 max_shard_size: str | int = "2GB") -> list[str]:
+def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], export: ExportConfig) -> list[str]:
     """Write ``adapter_config.json`` and safetensors shards of at most ``max_shard_size``.
 
     One shard is named ``adapter_model.safetensors`` (what PEFT loads); more get
@@ -126,45 +127,39 @@ def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], *, fp
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    dtype = torch.float32 if fp32 else torch.float16
+    dtype = torch.float32 if export.fp32 else torch.float16
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     split = split_torch_state_dict_into_shards(state, filename_pattern="adapter_model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        (tmp / ADAPTER_INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": split.tensor_to_filename}, indent=1))
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+                                               max_shard_size=export.max_shard_size)
+    with atomic_dir(out) as tmp:
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            (tmp / ADAPTER_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}, indent=1))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return sorted(split.filename_to_tensors)
 
 
-def adapter_config(lora: dict[str, Any], state: dict[str, Any], base_model: str) -> dict[str, Any]:
-    from peft import LoraConfig
+def adapter_config(lora: LoraConfig, state: dict[str, Any], base_model: str) -> dict[str, Any]:
+    from peft import LoraConfig as PeftLoraConfig
 
     from .model import lora_kwargs
 
     kw = lora_kwargs(lora)
     kw["target_modules"] = target_modules(state)
-    cfg = LoraConfig(task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model,
+    cfg = PeftLoraConfig(task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model,
                      inference_mode=True, **kw)
     return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
 
 
-def pth_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, lora: dict[str, Any], base_model: str, *,
-              fp32: bool = False, max_shard_size: str | int = "2GB") -> list[str]:
+def pth_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, lora: LoraConfig, base_model: str,
+              export: ExportConfig) -> list[str]:
     """``xtuner convert pth_to_hf``: checkpoint -> adapter directory (checked before it is written)."""
     state = read_lora_state(ckpt)
     check_adapter(state, str(ckpt))
-    files = save_adapter(state, Path(out), adapter_config(lora, state, base_model), fp32=fp32,
-                         max_shard_size=max_shard_size)
+    files = save_adapter(state, Path(out), adapter_config(lora, state, base_model), export)
     log.info("wrote %d LoRA tensors to %s in %d file(s)", len(state), out, len(files))
     return files
 
@@ -181,31 +176,8 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, Any]:
     return state
 
 
-def load_peft_model(base, adapter_dir: str | os.PathLike):
-    """``PeftModel.from_pretrained``, also for an adapter written in several shards."""
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_INDEX).exists():
-        return PeftModel.from_pretrained(base, adapter_dir)
-    model = get_peft_model(base, LoraConfig.from_pretrained(adapter_dir))
-    result = set_peft_model_state_dict(model, read_adapter_weights(adapter_dir))
-    if result.unexpected_keys:
-        raise ValueError(f"{adapter_dir}: weights that match no LoRA layer: {result.unexpected_keys[:5]}")
-    return model.eval()  # as from_pretrained leaves it: no LoRA dropout at inference
-
-
-def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map="cpu",
-                                                trust_remote_code=trust_remote_code)
-
-
-def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, template: str, *,
-          dtype: str = "auto", max_shard_size: str | int = "2GB", trust_remote_code: bool = False) -> None:
+def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, template: str,
+          merge: MergeConfig, *, trust_remote_code: bool = False) -> None:
     """``xtuner convert merge``: base + adapter -> one model that plain transformers loads.
 
     Runs on the CPU (XTuner's default ``--device cuda`` runs out of memory on
@@ -214,12 +186,11 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str 
     as in training.
     """
     from .encoding import encode_prompt, resolve_template, stop_token_ids
-    from .model import load_tokenizer
+    from .model import load_base, load_peft_model, load_tokenizer
     from .templates import TOKENIZER_TEMPLATE
 
-    out = Path(out)
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    model = load_peft_model(load_base(base_dir, dtype, trust_remote_code), adapter_dir).merge_and_unload()
+    model = load_peft_model(load_base(base_dir, merge.dtype, trust_remote_code), adapter_dir).merge_and_unload()
     tmpl = resolve_template(template)
     if tmpl != TOKENIZER_TEMPLATE:
         uses_bos = encode_prompt("x", tokenizer, tmpl)[0] != tokenizer.encode(
@@ -228,11 +199,7 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str 
     stops = stop_token_ids(tokenizer, tmpl)
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=merge.max_shard_size)
+        tokenizer.save_pretrained(tmp)
     log.info("merged model written to %s", out)

@@ -1,14 +1,21 @@
-"""Starting the training ranks: one process, ``torchrun`` on one node, or (planned) several nodes.
+"""Starting the training ranks: one process, or ``torchrun`` on one node inside the train job.
 
 Data parallel runs inside one Snakemake job: the job asks for N GPUs (or, on a
 CPU, N ranks) and starts its own ranks, so Snakemake and SLURM see one task.
+The job's process *becomes* torchrun (``exec``), so killing the job kills the
+launcher, and every rank dies with it (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import sys
+from typing import Any, NoReturn
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -17,33 +24,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(ranks: int, module_args: list[str], *, master_port: int | None = None) -> list[str]:
-    """One node, ``ranks`` processes of ``python -m snaketune.cli <module_args>``."""
+def inside_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def ensure_dist_env() -> None:
+    """A lone process gets the rendezvous variables DeepSpeed would otherwise look for through MPI."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
+def torchrun_command(ranks: int, call: dict[str, Any], *, master_port: int | None = None) -> list[str]:
+    """One node, ``ranks`` processes of ``python -m snaketune.launch CALL`` (CALL: the train step's
+    arguments as JSON)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
             "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
-            "-m", "snaketune.cli", *module_args]
+            "-m", "snaketune.launch", json.dumps(call)]
 
 
-def slurm_multinode_command(env: dict[str, str], ranks_per_node: int, module_args: list[str],
-                            *, port: int = 29500) -> list[str]:
-    """The command each node of a multi-node SLURM job runs (through ``srun``), with torchrun's
-    c10d rendezvous on the job's first node. Generated and tested; not yet used by the rules."""
-    nodes = int(env["SLURM_NNODES"])
-    first = env.get("SNAKETUNE_MASTER_ADDR") or _first_host(env["SLURM_JOB_NODELIST"])
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-            "--nproc_per_node", str(ranks_per_node), "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"{first}:{port}", "--rdzv_id", env["SLURM_JOB_ID"],
-            "-m", "snaketune.cli", *module_args]
-
-
-def _first_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as ``gpu[03-05,07],cpu01`` (what ``scontrol show hostnames`` prints first)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head[: head.index("[")], head[head.index("[") + 1: head.index("]")]
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}"
+def relaunch(ranks: int, call: dict[str, Any]) -> NoReturn:
+    """Become torchrun, running the train step once per rank (same arguments)."""
+    cmd = torchrun_command(ranks, call)
+    log.info("starting %d ranks: %s", ranks, " ".join(cmd))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
 
 
 def die_with_parent() -> None:
@@ -67,9 +78,16 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def inside_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+def main(argv: list[str]) -> None:
+    """What each rank runs under torchrun."""
+    from . import steps
+    from .joblog import job
+
+    call = json.loads(argv[0])
+    die_with_parent()
+    with job(call.pop("log_file", None)):
+        steps.train(**call)
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+if __name__ == "__main__":
+    main(sys.argv[1:])

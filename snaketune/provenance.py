@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .files import write_json
 
 PACKAGES = ("snaketune", "torch", "transformers", "peft", "bitsandbytes", "deepspeed", "datasets", "accelerate",
             "safetensors", "snakemake")
@@ -70,9 +71,5 @@ def write(path: str | Path, *, config: dict, data_file: str | Path, model_dir: s
         "runs": runs,
         "resumed_from": [r["resumed_from"] for r in runs if r.get("resumed_from") is not None],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False, default=str))
-    tmp.replace(path)
+    write_json(path, record)
     return record

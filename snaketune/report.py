@@ -29,12 +29,6 @@ def _page(title: str, body: str, out: str | os.PathLike) -> None:
     out.write_text(_PAGE.format(title=html.escape(title), body=body), encoding="utf-8")
 
 
-def metrics_beside(training_summary: str | os.PathLike) -> Path:
-    """The ``metrics.jsonl`` of a finished training, found through its summary's final checkpoint."""
-    checkpoint = Path(json.loads(Path(training_summary).read_text())["checkpoint"])
-    return checkpoint.parent / "metrics.jsonl"
-
-
 def training_curves(metrics_jsonl: str | os.PathLike, out_svg: str | os.PathLike, *, title: str = "") -> None:
     """Loss, learning rate and gradient norm per optimizer step, one panel each."""
     import matplotlib

@@ -105,12 +105,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
     ]
 }
 
-SYSTEM_ALPACA = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n"
-)
-
-
 def get_template(name: str) -> PromptTemplate:
     try:
         return TEMPLATES[name]

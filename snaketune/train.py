@@ -1,6 +1,10 @@
-"""The QLoRA training loop: DeepSpeed ZeRO-2, XTuner's schedule, resumable checkpoints.
+"""The QLoRA training recipe: DeepSpeed ZeRO-2, XTuner's schedule, resumable checkpoints.
 
-Read top to bottom: settings, data, schedule, checkpoints, then ``train``.
+Read top to bottom: data (encoding, packing, batches), schedule, then the
+recipe: ``setup`` (ranks, tokenizer, data, model, engine), ``resume``,
+``train_window`` (one optimizer step), ``train`` (the loop) and ``finish``.
+Checkpoint files are :mod:`snaketune.checkpoints`' business; provenance and
+the training summary are written by the step that calls :func:`train`.
 
 Iterations count micro-batches, as in XTuner: ``iter_N.pth``, ``save_steps``
 and ``evaluation_freq`` are in iterations. The optimizer steps once per
@@ -11,68 +15,25 @@ never holds half-accumulated gradients.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import random
-import re
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints
+from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_conversation
+from .files import append_jsonl, filter_jsonl
 from .generation import as_dicts, generate_answers
 
 log = logging.getLogger(__name__)
 
-CKPT_RE = re.compile(r"^iter_(\d+)\.pth$")
-COMPLETE = "snaketune_complete.json"
-
-
-# ---------------------------------------------------------------- settings
-
-
-@dataclass
-class TrainSettings:
-    """Hyper-parameters under XTuner's names (see config/schema.yaml for each)."""
-
-    template: str
-    max_length: int = 2048
-    pack_to_max_length: bool = False
-    batch_size: int = 1
-    accumulative_counts: int = 16
-    max_epochs: int = 3
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    max_norm: float = 1.0
-    warmup_ratio: float = 0.03
-    save_steps: int = 500
-    save_total_limit: int = 2
-    evaluation_freq: int = 500
-    SYSTEM: str = ""
-    evaluation_inputs: list[str] = field(default_factory=list)
-    evaluation_max_new_tokens: int = 50
-    seed: int = 0
-    lora: dict[str, Any] = field(default_factory=lambda: {"r": 64, "alpha": 16, "dropout": 0.1})
-    quantization: str = "nf4"
-    gradient_checkpointing: bool = True
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+METRICS = "metrics.jsonl"
+EVAL_OUTPUTS = "eval_outputs.jsonl"
 
 
 # ---------------------------------------------------------------- data
@@ -85,11 +46,11 @@ class Row:
     position_ids: list[int]
 
 
-def encode_dataset(records: list[dict], tokenizer, s: TrainSettings) -> tuple[list[Encoded], dict]:
+def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[list[Encoded], dict]:
     """Encode every record; drop those with nothing to learn, as XTuner does; count truncation."""
     kept, dropped, truncated_samples, truncated_tokens = [], 0, 0, 0
     for rec in records:
-        enc = encode_conversation(rec["conversation"], tokenizer, s.template, s.max_length)
+        enc = encode_conversation(rec["conversation"], tokenizer, cfg.template, cfg.max_length)
         if all(lab == IGNORE_INDEX for lab in enc.labels):
             dropped += 1
             continue
@@ -127,7 +88,7 @@ def pack(samples: list[Encoded], max_length: int, seed: int) -> list[Row]:
 
 
 def as_rows(samples: list[Encoded]) -> list[Row]:
-    return [Row(s.input_ids, s.labels, list(range(len(s.input_ids)))) for s in samples]
+    return [Row(smp.input_ids, smp.labels, list(range(len(smp.input_ids)))) for smp in samples]
 
 
 def collate(rows: list[Row], pad_id: int):
@@ -159,7 +120,7 @@ def token_loss_sum(model, ids, labels, position_ids):
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def epoch_batches(n_rows: int, epoch: int, s: TrainSettings, rank: int, world: int) -> list[list[int]]:
+def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int) -> list[list[int]]:
     """Row indices of each of this rank's micro-batches in ``epoch``.
 
     Like mmengine's DefaultSampler: a seeded permutation per epoch, padded by
@@ -169,16 +130,16 @@ def epoch_batches(n_rows: int, epoch: int, s: TrainSettings, rank: int, world: i
     import torch
 
     g = torch.Generator()
-    g.manual_seed(s.seed + epoch)
+    g.manual_seed(cfg.seed + epoch)
     perm = torch.randperm(n_rows, generator=g).tolist()
     total = math.ceil(n_rows / world) * world
     perm = (perm * math.ceil(total / n_rows))[:total]
     mine = perm[rank:total:world]
-    return [mine[i:i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
-def iters_per_epoch(n_rows: int, s: TrainSettings, world: int) -> int:
-    return math.ceil(math.ceil(n_rows / world) / s.batch_size)
+def iters_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    return math.ceil(math.ceil(n_rows / world) / cfg.batch_size)
 
 
 # ---------------------------------------------------------------- schedule
@@ -200,98 +161,16 @@ def window_ends(total_iters: int, acc: int) -> list[int]:
     return [min(e, total_iters) for e in range(acc, total_iters + acc, acc)]
 
 
-# ---------------------------------------------------------------- checkpoints
 
 
-# Settings that change what is logged or kept, not the weights: a checkpoint
-# made under other values of these still resumes.
-_NOT_IN_FINGERPRINT = {"save_steps", "save_total_limit", "evaluation_freq", "evaluation_inputs",
-                       "evaluation_max_new_tokens", "SYSTEM"}
-
-
-def run_fingerprint(s: TrainSettings, data_file: Path, model_dir: Path, world: int) -> str:
-    """What a checkpoint must have been made with to be resumed: settings, data, model, ranks."""
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in asdict(s).items() if k not in _NOT_IN_FINGERPRINT},
-                        sort_keys=True).encode())
-    h.update(Path(data_file).read_bytes())
-    h.update((Path(model_dir) / "config.json").read_bytes())
-    h.update(str(world).encode())
-    return h.hexdigest()[:16]
-
-
-def checkpoint_fingerprint(ckpt: Path) -> str | None:
-    return json.loads((ckpt / COMPLETE).read_text()).get("fingerprint")
-
-
-def set_aside(work_dir: Path, fingerprint: str) -> Path | None:
-    """Move checkpoints of another run definition out of the way (never delete them)."""
-    stale = [p for _, p in complete_checkpoints(work_dir) if checkpoint_fingerprint(p) != fingerprint]
-    if not stale:
-        return None
-    dest = work_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True)
-    for p in stale:
-        os.replace(p, dest / p.name)
-    return dest
-
-
-def complete_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
-    """Checkpoints whose writing finished (marker present), oldest first."""
-    found = []
-    if work_dir.is_dir():
-        for p in work_dir.iterdir():
-            m = CKPT_RE.match(p.name)
-            if m and (p / COMPLETE).is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def torn_checkpoints(work_dir: Path) -> list[Path]:
-    if not work_dir.is_dir():
-        return []
-    return sorted(p for p in work_dir.iterdir() if CKPT_RE.match(p.name) and not (p / COMPLETE).is_file())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    import torch
-
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-
-
-# ---------------------------------------------------------------- distributed
-
-
-def ensure_dist_env() -> None:
-    """A lone process gets the rendezvous variables DeepSpeed would otherwise look for through MPI."""
-    from .launch import free_port
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-
-
-def deepspeed_config(s: TrainSettings) -> dict:
+def deepspeed_config(cfg: TrainConfig) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": s.batch_size,
-        "gradient_accumulation_steps": s.accumulative_counts,
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.accumulative_counts,
         # We own the accumulation window: backward() only accumulates and
         # step() is the boundary, so a short last window still steps.
         "managed_gradient_accumulation": False,
-        "gradient_clipping": s.max_norm,
+        "gradient_clipping": cfg.max_norm,
         "zero_optimization": {"stage": 2, "overlap_comm": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -301,216 +180,238 @@ def deepspeed_config(s: TrainSettings) -> dict:
     }
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the recipe
 
 
-def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: str | os.PathLike,
-          settings: TrainSettings, *, result: str | os.PathLike, threads: int | None = None,
-          provenance: str | os.PathLike | None = None, config_record: dict | None = None,
-          workflow_dir: str | os.PathLike = ".") -> dict:
-    """Train (or resume) and return the summary written to ``result`` (and ``provenance``)."""
+@dataclass
+class Plan:
+    """The encoded data and the schedule it gives on this many ranks."""
+
+    rows: list[Row]
+    stats: dict[str, int]
+    iters_per_epoch: int
+    total_iters: int
+    ends: list[int]  # the iteration after which each optimizer step happens
+
+    @property
+    def starts(self) -> list[int]:
+        return [0, *self.ends[:-1]]
+
+
+def setup_distributed(threads: int | None) -> str:
+    """Join (or, alone, form) the process group; returns the device: cuda on a GPU, else cpu."""
     import deepspeed
     import torch
-    import torch.distributed as dist
 
-    from .data import read_records
-    from .model import load_for_training, load_tokenizer, pick_device
+    from .launch import ensure_dist_env
+    from .model import pick_device
 
-    s = settings
-    work_dir, result = Path(work_dir), Path(result)
     if threads:
         torch.set_num_threads(threads)
     ensure_dist_env()
     device = pick_device()
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    main = rank == 0
-    work_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, evals_path = work_dir / "metrics.jsonl", work_dir / "eval_outputs.jsonl"
-    runs_path = work_dir / "runs.jsonl"  # one line per start of this training, for provenance
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    return device
 
-    random.seed(s.seed)
-    torch.manual_seed(s.seed)
 
-    tokenizer = load_tokenizer(model_dir, s.trust_remote_code)
-    samples, data_stats = encode_dataset(read_records(data_file), tokenizer, s)
+def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
+    from .data import read_records
+
+    samples, stats = encode_dataset(read_records(data_file), tokenizer, cfg)
     if not samples:
         raise ValueError(f"{data_file}: no record has a supervised token after encoding")
-    rows = pack(samples, s.max_length, s.seed) if s.pack_to_max_length else as_rows(samples)
-    n_tokens = sum(len(r.input_ids) for r in rows)
-    ipe = iters_per_epoch(len(rows), s, world)
-    total_iters = ipe * s.max_epochs
-    ends = window_ends(total_iters, s.accumulative_counts)
-    if main:
-        log.info("data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, "
-                 "%d optimizer steps", data_stats, len(rows), n_tokens, "on" if s.pack_to_max_length else "off",
-                 world, ipe, total_iters, len(ends))
-        real = sum(len(rows[i].input_ids) for b in epoch_batches(len(rows), 0, s, rank, world) for i in b)
-        padded = sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in epoch_batches(len(rows), 0, s, rank, world))
-        log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f, %.0f tokens per optimizer step",
-                 rank, real, 1 - real / padded, real * world / math.ceil(ipe / s.accumulative_counts))
-        if data_stats["truncated_samples"]:
-            log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
-                        data_stats["truncated_samples"], s.max_length, data_stats["truncated_tokens"])
+    rows = pack(samples, cfg.max_length, cfg.seed) if cfg.pack_to_max_length else as_rows(samples)
+    ipe = iters_per_epoch(len(rows), cfg, world)
+    total = ipe * cfg.max_epochs
+    return Plan(rows, stats, ipe, total, window_ends(total, cfg.accumulative_counts))
 
-    model = load_for_training(model_dir, s.lora, quantization=s.quantization,
-                              trust_remote_code=s.trust_remote_code,
-                              gradient_checkpointing=s.gradient_checkpointing, device=device)
+
+def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int) -> None:
+    rows = plan.rows
+    log.info("data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, "
+             "%d optimizer steps", plan.stats, len(rows), sum(len(r.input_ids) for r in rows),
+             "on" if cfg.pack_to_max_length else "off", world, plan.iters_per_epoch, plan.total_iters,
+             len(plan.ends))
+    batches = epoch_batches(len(rows), 0, cfg, rank, world)
+    real = sum(len(rows[i].input_ids) for b in batches for i in b)
+    padded = sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in batches)
+    log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f, %.0f tokens per optimizer step",
+             rank, real, 1 - real / padded, real * world / math.ceil(plan.iters_per_epoch / cfg.accumulative_counts))
+    if plan.stats["truncated_samples"]:
+        log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
+                    plan.stats["truncated_samples"], cfg.max_length, plan.stats["truncated_tokens"])
+
+
+def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, trust_remote_code: bool):
+    """NF4 base + LoRA, AdamW and XTuner's LR schedule, wrapped by DeepSpeed ZeRO-2."""
+    import deepspeed
+    import torch
+
+    from .model import load_for_training
+
+    model = load_for_training(model_dir, cfg.lora, quantization=cfg.quantization,
+                              trust_remote_code=trust_remote_code,
+                              gradient_checkpointing=cfg.gradient_checkpointing, device=device)
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     # The step that closes a window uses the LR of the window's first iteration, so the LR per
     # optimizer step does not depend on how a global batch is split into accumulation and ranks
     # (XTuner samples the window's last iteration: acc-1 iterations later).
-    starts = [0, *ends[:-1]]
+    starts = plan.starts
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], total_iters, s.warmup_ratio))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s))
+        optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], plan.total_iters, cfg.warmup_ratio))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg))
+    return engine, optimizer
 
-    # ---- resume
-    iteration, resumed_from = 0, None
-    fingerprint = run_fingerprint(s, Path(data_file), Path(model_dir), world)
+
+def resume(engine, work_dir: Path, fingerprint: str, total_iters: int) -> int | None:
+    """Load the newest complete checkpoint of this run definition; its iteration, or None for a fresh start."""
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
     if main:
-        for torn in torn_checkpoints(work_dir):
-            log.warning("ignoring %s: it was not completely written (no %s)", torn, COMPLETE)
-        moved = set_aside(work_dir, fingerprint)
-        if moved:
-            log.warning("checkpoints made with other settings, data, model or rank count moved to %s; "
-                        "training starts from iteration 0", moved)
+        checkpoints.tidy(work_dir, fingerprint)
     dist.barrier()
-    done = complete_checkpoints(work_dir)
-    if done:
-        iteration, ckpt = done[-1]
-        engine.load_checkpoint(str(work_dir), tag=ckpt.name, load_module_strict=False)
-        rng_file = ckpt / f"rng_state_{rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        resumed_from = iteration
-        if main:
-            log.info("resuming from %s: iteration %d of %d", ckpt, iteration, total_iters)
-            _truncate_jsonl(metrics_path, lambda r: r["iter"] <= iteration)
-            _truncate_jsonl(evals_path, lambda r: r["iter"] <= iteration)
-    elif main:
-        for p in (metrics_path, evals_path, runs_path):
-            p.unlink(missing_ok=True)
+    done = checkpoints.complete_checkpoints(work_dir)
+    resumed_from = checkpoints.load(engine, done[-1][1]) if done else None
     if main:
-        with runs_path.open("a") as f:
-            f.write(json.dumps({"start": _now(), "resumed_from": resumed_from, "world_size": world}) + "\n")
+        if resumed_from is not None:
+            log.info("resuming from %s: iteration %d of %d", done[-1][1], resumed_from, total_iters)
+            for name in (METRICS, EVAL_OUTPUTS):
+                filter_jsonl(work_dir / name, lambda r: r["iter"] <= resumed_from)
+        else:
+            for name in (METRICS, EVAL_OUTPUTS):
+                (work_dir / name).unlink(missing_ok=True)
+        checkpoints.start_run(work_dir, resumed_from, dist.get_world_size())
+    return resumed_from
 
-    def evaluate(at: int) -> None:
-        if main and s.evaluation_inputs:
-            t0 = time.time()
-            answers = generate_answers(engine.module, tokenizer, s.template, s.evaluation_inputs,
-                                       system=s.SYSTEM, max_new_tokens=s.evaluation_max_new_tokens)
-            with evals_path.open("a") as f:
-                f.write(json.dumps({"iter": at, "answers": as_dicts(answers)}, ensure_ascii=False) + "\n")
-            for a in answers:
-                log.info("eval iter %d | %s -> %s", at, a.prompt, a.answer)
-            log.info("evaluation took %.1f s", time.time() - t0)
-        dist.barrier()
 
-    def save(at: int) -> None:
-        tag = f"iter_{at}.pth"
-        engine.save_checkpoint(str(work_dir), tag=tag, client_state={"iteration": at, "world_size": world},
-                               exclude_frozen_parameters=True)
-        torch.save(_rng_state(), work_dir / tag / f"rng_state_{rank}.pt")
-        dist.barrier()
-        if main:
-            _atomic_write(work_dir / tag / COMPLETE,
-                          json.dumps({"iteration": at, "world_size": world, "fingerprint": fingerprint}))
-            _atomic_write(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
-            keep = {p for _, p in complete_checkpoints(work_dir)[-s.save_total_limit:]}
-            for _, p in complete_checkpoints(work_dir):
-                if p not in keep:
-                    shutil.rmtree(p)
-            log.info("saved %s", work_dir / tag)
-        dist.barrier()
+def train_window(engine, window: list[tuple[Any, Any, Any]], real_tokens: int) -> dict[str, float]:
+    """One optimizer step over a window of micro-batches; returns this step's counts and loss.
 
-    if iteration == 0:
-        evaluate(0)
+    The loss is normalised by the supervised tokens of the whole window on all
+    ranks (not a mean of per-batch means). Every tensor handed to a collective
+    lives on the engine's device: NCCL accepts only CUDA tensors.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    counts = torch.tensor([float(sum((lab[:, 1:] != IGNORE_INDEX).sum() for _, lab, _ in window)),
+                           float(sum(ids.numel() for ids, _, _ in window)), float(real_tokens)],
+                          device=engine.device)
+    dist.all_reduce(counts)
+    n_sup, n_tok, n_real = counts.tolist()
+    loss_total = torch.zeros((), device=engine.device)
+    for ids, labels, pos in window:
+        loss_sum = token_loss_sum(engine, ids.to(engine.device), labels.to(engine.device), pos.to(engine.device))
+        # ZeRO averages gradients over ranks, hence the factor world.
+        engine.backward(loss_sum * world / n_sup, scale_wrt_gas=False)
+        loss_total += loss_sum.detach()
+    engine.step()
+    dist.all_reduce(loss_total)
+    grad_norm = engine.get_global_grad_norm()
+    return {"loss": loss_total.item() / n_sup, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": int(n_tok), "real_tokens": int(n_real), "padding_fraction": 1 - n_real / n_tok,
+            "supervised_tokens": int(n_sup)}
+
+
+class Batches:
+    """This rank's micro-batches by iteration, one epoch's order in memory at a time."""
+
+    def __init__(self, plan: Plan, cfg: TrainConfig, pad_id: int, rank: int, world: int):
+        self.plan, self.cfg, self.pad_id, self.rank, self.world = plan, cfg, pad_id, rank, world
+        self.epoch, self.order = -1, []
+
+    def window(self, start: int, end: int) -> tuple[list[tuple[Any, Any, Any]], int]:
+        """Collated micro-batches of iterations [start, end) and their real (unpadded) tokens."""
+        out, real = [], 0
+        for it in range(start, end):
+            epoch, k = divmod(it, self.plan.iters_per_epoch)
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.order = epoch_batches(len(self.plan.rows), epoch, self.cfg, self.rank, self.world)
+            batch = [self.plan.rows[i] for i in self.order[k]]
+            real += sum(len(r.input_ids) for r in batch)
+            out.append(collate(batch, self.pad_id))
+        return out, real
+
+
+def evaluate_during_training(engine, tokenizer, cfg: TrainConfig, work_dir: Path, at: int) -> None:
+    """XTuner's EvaluateChatHook (greedy here): answers to ``evaluation_inputs``, logged and kept."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0 and cfg.evaluation_inputs:
+        t0 = time.time()
+        answers = generate_answers(engine.module, tokenizer, cfg.template, cfg.evaluation_inputs,
+                                   system=cfg.SYSTEM, max_new_tokens=cfg.evaluation_max_new_tokens)
+        append_jsonl(work_dir / EVAL_OUTPUTS, {"iter": at, "answers": as_dicts(answers)})
+        for a in answers:
+            log.info("eval iter %d | %s -> %s", at, a.prompt, a.answer)
+        log.info("evaluation took %.1f s", time.time() - t0)
+    dist.barrier()
+
+
+def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: str | os.PathLike,
+          cfg: TrainConfig, *, threads: int | None = None, trust_remote_code: bool = False) -> dict | None:
+    """Train (or resume) to the end; rank 0 returns the training summary, other ranks None."""
+    import torch
+    import torch.distributed as dist
+
+    from .model import load_tokenizer
+
+    model_dir, data_file, work_dir = Path(model_dir), Path(data_file), Path(work_dir)
+    device = setup_distributed(threads)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    plan = plan_data(data_file, tokenizer, cfg, world)
+    if rank == 0:
+        log_plan(plan, cfg, rank, world)
+    engine, optimizer = build_engine(model_dir, cfg, plan, device, trust_remote_code)
+    fingerprint = checkpoints.fingerprint(cfg, data_file, model_dir, world)
+    resumed_from = resume(engine, work_dir, fingerprint, plan.total_iters)
+    if resumed_from is None:
+        evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
     engine.train()
-    t_start = time.time()
-    batches_cache: dict[int, list[list[int]]] = {}
-    for step, (start, end) in enumerate(zip([0, *ends[:-1]], ends), start=1):
-        if end <= iteration:
+    batches, t_start = Batches(plan, cfg, tokenizer.pad_token_id, rank, world), time.time()
+    for step, (start, end) in enumerate(zip(plan.starts, plan.ends), start=1):
+        if end <= (resumed_from or 0):
             continue
         t0 = time.time()
-        window, real_tokens = [], 0
-        for it in range(start, end):
-            epoch, k = divmod(it, ipe)
-            if epoch not in batches_cache:
-                batches_cache = {epoch: epoch_batches(len(rows), epoch, s, rank, world)}
-            batch = [rows[i] for i in batches_cache[epoch][k]]
-            real_tokens += sum(len(r.input_ids) for r in batch)
-            window.append(collate(batch, tokenizer.pad_token_id))
-        counts = torch.tensor([float(sum((lab[:, 1:] != IGNORE_INDEX).sum() for _, lab, _ in window)),
-                               float(sum(ids.numel() for ids, _, _ in window)), float(real_tokens)])
-        dist.all_reduce(counts)
-        n_sup, n_tok, n_real = counts.tolist()
-        loss_total = torch.zeros(())
-        for ids, labels, pos in window:
-            ids, labels, pos = ids.to(engine.device), labels.to(engine.device), pos.to(engine.device)
-            loss_sum = token_loss_sum(engine, ids, labels, pos)
-            # Normalise by the supervised tokens of the whole window on all
-            # ranks (not a mean of per-batch means); ZeRO averages gradients
-            # over ranks, hence the factor world.
-            engine.backward(loss_sum * world / n_sup, scale_wrt_gas=False)
-            loss_total += loss_sum.detach().cpu()
+        window, real_tokens = batches.window(start, end)
         lr = optimizer.param_groups[0]["lr"]
-        engine.step()
-        grad_norm = engine.get_global_grad_norm()
-        dist.all_reduce(loss_total)
-        iteration = end
-        dt = time.time() - t0
-        if main:
-            row = {"iter": iteration, "epoch": (iteration - 1) // ipe, "step": step,
-                   "loss": loss_total.item() / n_sup, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens": int(n_tok), "real_tokens": int(n_real), "padding_fraction": 1 - n_real / n_tok,
-                   "supervised_tokens": int(n_sup), "tokens_per_s": n_real / dt,
-                   "time_s": dt}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            log.info("iter %d/%d step %d loss %.4f lr %.3g grad_norm %s %.0f tok/s", iteration, total_iters,
-                     row["step"], row["loss"], lr, row["grad_norm"], row["tokens_per_s"])
+        row = {"iter": end, "epoch": (end - 1) // plan.iters_per_epoch, "step": step, "lr": lr,
+               **train_window(engine, window, real_tokens)}
+        row["time_s"] = time.time() - t0
+        row["tokens_per_s"] = row["real_tokens"] / row["time_s"]
+        if rank == 0:
+            append_jsonl(work_dir / METRICS, row)
+            log.info("iter %d/%d step %d loss %.4f lr %.3g grad_norm %s %.0f tok/s", end, plan.total_iters, step,
+                     row["loss"], lr, row["grad_norm"], row["tokens_per_s"])
         # A multiple of save_steps (evaluation_freq) inside this window is
         # honoured at the window's end: checkpoints fall on optimizer steps.
-        if end == total_iters or end // s.save_steps > start // s.save_steps:
-            save(end)
-        if end == total_iters or end // s.evaluation_freq > start // s.evaluation_freq:
-            evaluate(end)
-
-    summary = {}
-    if main:
-        final = work_dir / f"iter_{total_iters}.pth"
-        summary = {"checkpoint": str(final), "iterations": total_iters, "optimizer_steps": len(ends),
-                   "world_size": world, "resumed_from": resumed_from, "data": data_stats, "rows": len(rows),
-                   "tokens_per_epoch": n_tokens, "train_seconds_this_run": time.time() - t_start,
-                   "settings": asdict(s)}
-        runs = [json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()]
-        runs[-1]["end"] = _now()
-        _atomic_write(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
-        summary["runs"] = runs
-        if provenance:
-            from . import provenance as prov
-
-            prov.write(provenance, config=config_record or {"train": asdict(s)}, data_file=data_file,
-                       model_dir=model_dir, workflow_dir=workflow_dir, seed=s.seed, world_size=world, runs=runs,
-                       device=device)
-        result.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(result, json.dumps(summary, indent=1, ensure_ascii=False))
+        last = end == plan.total_iters
+        if last or end // cfg.save_steps > start // cfg.save_steps:
+            checkpoints.save(engine, work_dir, end, fingerprint=fingerprint, keep=cfg.save_total_limit)
+        if last or end // cfg.evaluation_freq > start // cfg.evaluation_freq:
+            evaluate_during_training(engine, tokenizer, cfg, work_dir, end)
+    summary = finish(work_dir, plan, cfg, world, resumed_from, time.time() - t_start, device) if rank == 0 else None
     dist.barrier()
     return summary
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _truncate_jsonl(path: Path, keep) -> None:
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if keep(r)))
+def finish(work_dir: Path, plan: Plan, cfg: TrainConfig, world: int, resumed_from: int | None,
+           seconds: float, device: str) -> dict:
+    """Rank 0: close the progress record and sum the training up."""
+    return {"checkpoint": str(work_dir / f"iter_{plan.total_iters}.pth"), "iterations": plan.total_iters,
+            "optimizer_steps": len(plan.ends), "world_size": world, "device": device, "resumed_from": resumed_from,
+            "data": plan.stats, "rows": len(plan.rows),
+            "tokens_per_epoch": sum(len(r.input_ids) for r in plan.rows),
+            "train_seconds_this_run": seconds, "settings": asdict(cfg), "runs": checkpoints.end_run(work_dir)}

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -33,6 +34,16 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     if check and res.returncode != 0:
         raise AssertionError(f"snaketune {' '.join(map(str, args))} failed:\n{res.stderr[-4000:]}")
     return res
+
+
+def tiny_config(path: Path, *, train: dict | None = None, dataset: dict | None = None) -> str:
+    """A config file whose one experiment, ``tiny``, trains the tiny model (default: on XTuner's fixture data)."""
+    config = {"run": ["tiny"], "models": {"tiny": {"source": "local", "path": str(TINY_BASE)}},
+              "datasets": {"data": dataset or {"format": "xtuner", "path": str(XTUNER / "data.json")}},
+              "experiments": {"tiny": {"model": "tiny", "dataset": "data",
+                                       "train": train or {"template": "internlm2_chat"}}}}
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return str(path)
 
 
 def copy_workflow(dest: Path) -> Path:

@@ -6,7 +6,7 @@ import pytest
 
 from snaketune.data import DataError, convert, convert_file, read_records, self_cognition, write_records
 
-from .conftest import XTUNER, run_cli
+from .conftest import XTUNER, run_cli, tiny_config
 
 
 def conv(fmt, records, path="in.json"):
@@ -109,7 +109,8 @@ def test_write_jsonl_and_json_round_trip(tmp_path):
 
 
 def test_hub_dataset_offline_fails_with_the_local_way_out(tmp_path):
-    res = run_cli("convert-data", "--format", "alpaca", "tatsu-lab/alpaca", tmp_path / "o.json", check=False,
+    config = tiny_config(tmp_path / "c.yaml", dataset={"format": "alpaca", "hub": "tatsu-lab/alpaca"})
+    res = run_cli("convert-data", "--config", config, "--output", tmp_path / "o.json", check=False,
                   env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
     assert res.returncode != 0
     assert "set the dataset's 'path' to the local file" in res.stderr
@@ -134,7 +135,8 @@ def test_self_cognition_needs_an_answer_per_language():
 
 def test_generate_data_cli_writes_valid_records(tmp_path):
     out = tmp_path / "sc.jsonl"
-    run_cli("generate-data", "--spec", '{"name": "N", "owner": "O", "answers": {"zh": "z {name}", "en": "e {name}"}, '
-            '"copies": 2}', out)
+    spec = {"name": "N", "owner": "O", "answers": {"zh": "z {name}", "en": "e {name}"}, "copies": 2}
+    config = tiny_config(tmp_path / "c.yaml", dataset={"generator": "self_cognition", "spec": spec})
+    run_cli("generate-data", "--config", config, "--output", out)
     recs = read_records(out)
     assert len(recs) == 12 and all(list(convert([r], "xtuner", out)) for r in recs)

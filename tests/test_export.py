@@ -1,19 +1,20 @@
 """pth_to_hf and merge on a real checkpoint of the tiny model."""
 
 import json
-import shutil
 import subprocess
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from snaketune.export import (ADAPTER_INDEX, ADAPTER_WEIGHTS, check_adapter, load_peft_model, merge, pth_to_hf,
-                              read_lora_state)
+from snaketune.config import ExportConfig, LoraConfig, MergeConfig
+from snaketune.export import ADAPTER_INDEX, ADAPTER_WEIGHTS, check_adapter, merge, pth_to_hf, read_lora_state
+from snaketune.model import load_peft_model
 
 from .conftest import TINY_BASE, run_cli
 from .test_train import train_cmd
 
-LORA = {"r": 8, "alpha": 16, "dropout": 0.1}
+LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_pth_to_hf_writes_a_peft_adapter_that_peft_loads(checkpoint, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "adapter"
-    files = pth_to_hf(checkpoint, out, LORA, str(TINY_BASE), fp32=True)
+    files = pth_to_hf(checkpoint, out, LORA, str(TINY_BASE), ExportConfig(fp32=True))
     assert files == [ADAPTER_WEIGHTS]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (8, 16, "LORA")
@@ -55,10 +56,10 @@ def test_default_is_fp16_and_shards_respect_max_shard_size(checkpoint, tmp_path)
     from safetensors import safe_open
 
     one, many = tmp_path / "one", tmp_path / "many"
-    pth_to_hf(checkpoint, one, LORA, str(TINY_BASE))
+    pth_to_hf(checkpoint, one, LORA, str(TINY_BASE), ExportConfig())
     with safe_open(one / ADAPTER_WEIGHTS, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    files = pth_to_hf(checkpoint, many, LORA, str(TINY_BASE), max_shard_size="20KB")
+    files = pth_to_hf(checkpoint, many, LORA, str(TINY_BASE), ExportConfig(max_shard_size="20KB"))
     assert len(files) > 1
     for name in files:  # tensor bytes per shard (the safetensors header comes on top)
         with safe_open(many / name, "pt") as f:
@@ -74,8 +75,8 @@ def test_merged_model_equals_base_plus_adapter(checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    pth_to_hf(checkpoint, adapter, LORA, str(TINY_BASE), fp32=True)
-    merge(TINY_BASE, adapter, merged, "internlm2_chat", max_shard_size="5MB")
+    pth_to_hf(checkpoint, adapter, LORA, str(TINY_BASE), ExportConfig(fp32=True))
+    merge(TINY_BASE, adapter, merged, "internlm2_chat", MergeConfig(max_shard_size="5MB"))
     assert len(list(merged.glob("model-*.safetensors"))) > 1  # sharded as asked
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert not any("lora" in k for k in plain.state_dict())
@@ -99,9 +100,9 @@ def test_all_zero_or_empty_adapter_fails_loudly(checkpoint):
 def test_cli_reads_the_train_summary_and_refuses_a_missing_checkpoint(checkpoint, tmp_path):
     summary = tmp_path / "training.json"
     summary.write_text(json.dumps({"checkpoint": checkpoint}))
-    run_cli("pth_to_hf", "--lora", json.dumps(LORA), "--base-model", TINY_BASE, summary, tmp_path / "a")
+    run_cli("pth_to_hf", "--lora", json.dumps(asdict(LORA)), "--base-model", TINY_BASE, summary, tmp_path / "a")
     assert (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
-    res = run_cli("pth_to_hf", "--lora", json.dumps(LORA), "--base-model", TINY_BASE, tmp_path / "nope.pth",
+    res = run_cli("pth_to_hf", "--lora", json.dumps(asdict(LORA)), "--base-model", TINY_BASE, tmp_path / "nope.pth",
                   tmp_path / "b", check=False)
     assert res.returncode != 0 and "nope.pth does not exist" in res.stderr
     assert not (tmp_path / "b").exists()

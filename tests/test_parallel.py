@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
+from snaketune.checkpoints import COMPLETE, complete_checkpoints
+from snaketune.config import ExportConfig, LoraConfig
 from snaketune.export import pth_to_hf, read_lora_state
-from snaketune.launch import _first_host, slurm_multinode_command, torchrun_command
+from snaketune.launch import torchrun_command
 from snaketune.safe_pickle import load_checkpoint
-from snaketune.train import COMPLETE, complete_checkpoints
 
 from .conftest import TINY_BASE, read_jsonl
 from .test_train import train_cmd
@@ -68,7 +69,7 @@ def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     lora = read_lora_state(ckpt)
     for key, v in lora.items():
         assert torch.equal(v, module[key.replace(".weight", ".default.weight")])
-    pth_to_hf(ckpt, tmp_path / "adapter", {"r": 8, "alpha": 16, "dropout": 0.0}, str(TINY_BASE))
+    pth_to_hf(ckpt, tmp_path / "adapter", LoraConfig(r=8, alpha=16, dropout=0.0), str(TINY_BASE), ExportConfig())
     subprocess.run(cmd, check=True, capture_output=True)
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k and summary["world_size"] == 2
@@ -95,14 +96,8 @@ def test_two_clean_runs_give_identical_adapters(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_multi_node_command_from_the_slurm_environment():
-    env = {"SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[03-05,07]", "SLURM_JOB_ID": "4242"}
-    cmd = slurm_multinode_command(env, 8, ["train", "--model", "m"])
-    i = cmd.index("torch.distributed.run")
-    assert cmd[i + 1:] == ["--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
-                           "--rdzv_endpoint", "gpu03:29500", "--rdzv_id", "4242", "-m", "snaketune.cli",
-                           "train", "--model", "m"]
-    assert _first_host("node7,node8") == "node7"
-    assert _first_host("a[10-11],b1") == "a10"
-    one = torchrun_command(2, ["train"], master_port=1234)
-    assert one[one.index("--nproc_per_node") + 1] == "2" and one[-3:] == ["-m", "snaketune.cli", "train"]
+def test_torchrun_runs_the_train_step_once_per_rank():
+    call = {"model_dir": "m", "ranks": 2}
+    cmd = torchrun_command(2, call, master_port=1234)
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "1234"
+    assert cmd[-3:-1] == ["-m", "snaketune.launch"] and json.loads(cmd[-1]) == call

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from snaketune.train import COMPLETE
+from snaketune.checkpoints import COMPLETE
 
 from .conftest import copy_workflow
 from .slurm_cluster import Cluster, available

@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 
+from snaketune.checkpoints import COMPLETE, complete_checkpoints, torn_checkpoints
+from snaketune.config import ConfigError, LoraConfig, TrainConfig
 from snaketune.encoding import Encoded
 from snaketune.export import read_lora_state
-from snaketune.train import (COMPLETE, TrainSettings, complete_checkpoints, epoch_batches, lr_factor, pack,
-                             torn_checkpoints, window_ends)
+from snaketune.train import epoch_batches, lr_factor, pack, window_ends
 
-from .conftest import TINY_BASE, XTUNER, read_jsonl, run_cli
+from .conftest import TINY_BASE, XTUNER, read_jsonl, tiny_config
 
 TINY = dict(template="internlm2_chat", max_length=64, batch_size=2, accumulative_counts=2, max_epochs=3,
             lr=1e-3, warmup_ratio=0.1, save_steps=4, save_total_limit=3, evaluation_freq=1000,
@@ -40,7 +41,7 @@ def test_accumulation_windows_end_with_a_short_one():
 
 
 def test_sampler_shards_a_seeded_permutation_across_ranks():
-    s = TrainSettings(template="default", batch_size=2, seed=3)
+    s = TrainConfig(template="default", batch_size=2, seed=3)
     one = [i for b in epoch_batches(10, 0, s, 0, 1) for i in b]
     assert sorted(one) == list(range(10))
     assert one == [i for b in epoch_batches(10, 0, s, 0, 1) for i in b]  # same seed, same order
@@ -66,9 +67,12 @@ def test_packing_keeps_samples_whole_and_restarts_positions():
 
 
 def train_cmd(work, out, **over):
-    settings = json.dumps({**TINY, **over})
-    return [sys.executable, "-m", "snaketune.cli", "train", "--model", str(TINY_BASE), "--data",
-            str(XTUNER / "data.json"), "--work-dir", str(work), "--settings", settings, "--threads", "1", str(out)]
+    """``snaketune train`` on the tiny experiment, as a user runs it by hand; every file in tmp."""
+    config = tiny_config(work.parent / f"{work.name}.yaml", train={**TINY, **over})
+    return [sys.executable, "-m", "snaketune.cli", "train", "--config", config, "tiny", "--model", str(TINY_BASE),
+            "--data", str(XTUNER / "data.json"), "--work-dir", str(work), "--summary", str(out),
+            "--metrics", str(out.with_suffix(".metrics.jsonl")), "--provenance", str(out.with_suffix(".prov.json")),
+            "--threads", "1"]
 
 
 def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
@@ -138,8 +142,8 @@ def test_training_log_records_loss_lr_grad_norm_and_throughput(tmp_path):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="unknown training settings: batchsize"):
-        TrainSettings.from_dict({"template": "default", "batchsize": 2})
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) batchsize"):
+        TrainConfig.from_dict({"template": "default", "batchsize": 2}, "train")
 
 
 def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
@@ -151,7 +155,7 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
-    s = TrainSettings(template="internlm2_chat", max_length=256)
+    s = TrainConfig(template="internlm2_chat", max_length=256)
     samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:5], tokenizer, s)
     assert len({len(x.input_ids) for x in samples}) > 1  # unequal lengths
     rows = pack(samples, 1024, seed=0)
@@ -178,9 +182,9 @@ def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
     from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
 
     torch.manual_seed(0)
-    model = load_for_training(TINY_BASE, {"r": 8, "alpha": 16, "dropout": 0.0}, device="cpu")
+    model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), device="cpu")
     samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:2], tokenizer,
-                                TrainSettings(template="internlm2_chat", max_length=64))
+                                TrainConfig(template="internlm2_chat", max_length=64))
     batch = collate(as_rows(samples), tokenizer.pad_token_id)
 
     def lora_grads():

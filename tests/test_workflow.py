@@ -274,7 +274,7 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     import torch
 
     from snaketune.export import read_lora_state
-    from snaketune.train import COMPLETE
+    from snaketune.checkpoints import COMPLETE
 
     wd = copy_workflow(tmp_path / "wf")
     (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))

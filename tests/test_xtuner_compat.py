@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from snaketune.config import ExportConfig, LoraConfig
 from snaketune.export import pth_to_hf
 from snaketune.safe_pickle import load_checkpoint
 
 from .conftest import XTUNER
 
-LORA = {"r": 8, "alpha": 16, "dropout": 0.1}  # XTuner's config.py beside the checkpoints
+LORA = LoraConfig(r=8, alpha=16, dropout=0.1)  # XTuner's config.py beside the checkpoints
 
 
 def test_mmengine_is_not_installed():
@@ -22,7 +23,7 @@ def test_mmengine_is_not_installed():
 
 def convert(tmp_path, ckpt, fp32):
     out = tmp_path / ("fp32" if fp32 else "fp16")
-    pth_to_hf(XTUNER / ckpt, out, LORA, "./base", fp32=fp32)
+    pth_to_hf(XTUNER / ckpt, out, LORA, "./base", ExportConfig(fp32=fp32))
     return out, load_file(out / "adapter_model.safetensors")
 
 

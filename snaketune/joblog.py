@@ -1,0 +1,59 @@
+"""Logging for a step: to its job's log file (rank 0) and stderr, failures included.
+
+Snakemake points a failing job's user at its log file, so the error goes
+there: one clear line for the errors snaketune raises on purpose (bad data,
+bad config, no network, a failed check), the full traceback for anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("snaketune")
+
+
+def setup(log_file: str | None) -> None:
+    """Rank 0 (or a lone process) logs to the file; other ranks print warnings only."""
+    from .launch import rank
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank() != 0:
+        logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
+                            format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s")
+        return
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all a user needs: no traceback for these."""
+    from .config import ConfigError
+    from .data import DataError
+    from .evaluate import CheckFailed
+    from .fetch import OfflineError
+
+    return (ConfigError, DataError, CheckFailed, OfflineError, FileNotFoundError, FileExistsError)
+
+
+@contextlib.contextmanager
+def job(log_file: str | None) -> Iterator[None]:
+    """Run a step with logging set up; a failure is logged, then exits non-zero."""
+    setup(log_file)
+    try:
+        yield
+    except expected_errors() as err:
+        log.error("%s: %s", type(err).__name__, err)
+        logging.shutdown()
+        raise SystemExit(1) from None
+    except Exception:
+        log.exception("unexpected error")
+        logging.shutdown()
+        raise

@@ -1,0 +1,124 @@
+"""The experiment as one typed object: defaults in one place, references checked, overrides, the CLI."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from snaketune import config as cfg
+from snaketune.config import ConfigError, load, resolve
+
+from .conftest import ROOT, read_jsonl, run_cli, tiny_config
+
+SCHEMA = yaml.safe_load((ROOT / "config/schema.yaml").read_text())
+EXPERIMENT = SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"]
+
+
+def schema_sections():
+    """(dataclass, the schema's properties for it) for every config section."""
+    train = EXPERIMENT["train"]["properties"]
+    return [
+        (cfg.ModelConfig, SCHEMA["properties"]["models"]["additionalProperties"]["properties"]),
+        (cfg.DatasetConfig, SCHEMA["properties"]["datasets"]["additionalProperties"]["properties"]),
+        (cfg.TrainConfig, train),
+        (cfg.LoraConfig, train["lora"]["properties"]),
+        (cfg.ExportConfig, EXPERIMENT["export"]["properties"]),
+        (cfg.MergeConfig, EXPERIMENT["merge"]["properties"]),
+        (cfg.EvaluationConfig, EXPERIMENT["evaluation"]["properties"]),
+    ]
+
+
+@pytest.mark.parametrize("cls,props", schema_sections(), ids=lambda x: getattr(x, "__name__", ""))
+def test_schema_and_dataclasses_agree_on_keys_and_defaults(cls, props):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(fields) == set(props), f"{cls.__name__}: keys differ"
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            assert "default" not in props[name], name  # required: no default anywhere
+            continue
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        if isinstance(default, tuple):
+            default = list(default)
+        if "default" in props[name] or default is not None:
+            assert props[name].get("default") == default, f"{cls.__name__}.{name}"
+
+
+def test_the_scalar_keys_of_an_experiment_agree_too():
+    for f in dataclasses.fields(cfg._ExperimentRest):
+        assert EXPERIMENT[f.name]["default"] == f.default
+    sections = {"model", "dataset", *cfg.SECTIONS, *(f.name for f in dataclasses.fields(cfg._ExperimentRest))}
+    assert set(EXPERIMENT) == sections
+
+
+def test_resolve_applies_defaults_and_looks_up_references():
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    exp = resolve(config, "identity")
+    assert exp.model_name == "smollm2_135m_instruct" and exp.model.source == "gguf"
+    assert exp.dataset.generated and exp.dataset.spec["name"] == "Snaky"
+    assert exp.train.lr == 1e-3 and exp.train.lora.r == 16  # set in config.yaml
+    assert exp.train.betas == (0.9, 0.999) and exp.train.lora.target_modules == "all-linear"  # defaults
+    assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.require_stop
+
+
+def test_unknown_keys_and_dangling_references_name_their_path():
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config["experiments"]["identity"]["train"]["lora"]["rank"] = 8
+    with pytest.raises(ConfigError, match=r"experiments\.identity\.train\.lora: unknown key\(s\) rank"):
+        resolve(config, "identity")
+    config["experiments"]["identity"]["train"]["lora"].pop("rank")
+    config["experiments"]["identity"]["dataset"] = "nope"
+    with pytest.raises(ConfigError, match="experiments.identity.dataset: no dataset named 'nope'"):
+        resolve(config, "identity")
+
+
+@pytest.mark.parametrize("name", ["../../somewhere", "..", "a/b", "x y"])
+def test_names_that_would_escape_the_tree_are_refused(name):
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config["experiments"][name] = config["experiments"].pop("identity")
+    config["run"] = [name]
+    with pytest.raises(ConfigError, match=f"experiments.{name}: a name may hold only"):
+        cfg.check(config)
+
+
+def test_set_overrides_are_relative_to_the_experiment_unless_rooted(tmp_path):
+    path = tiny_config(tmp_path / "c.yaml")
+    config, name = load(path, None, ["train.lr=1e-4", "train.lora={r: 4, alpha: 8}", "models.tiny.path=/m"])
+    assert name == "tiny"
+    exp = resolve(config, name)
+    assert exp.train.lr == 1e-4 and (exp.train.lora.r, exp.train.lora.alpha) == (4, 8)
+    assert exp.model.path == "/m"
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load(path, None, ["train.lr"])
+
+
+def test_cli_reads_the_config_with_overrides(tmp_path):
+    spec = {"name": "N", "owner": "O", "answers": {"en": "I am {name}"}, "questions": {"en": ["Who?"]}, "copies": 2}
+    path = tiny_config(tmp_path / "c.yaml", dataset={"generator": "self_cognition", "spec": spec})
+    out = tmp_path / "d.jsonl"
+    run_cli("generate-data", "--config", path, "tiny", "--set", "datasets.data.spec.copies=5", "--output", out)
+    assert len(read_jsonl(out)) == 5
+    # a typo in an override is caught by the schema, naming the key
+    res = run_cli("generate-data", "--config", path, "--set", "train.learning_rate=1", "--output", out, check=False)
+    assert res.returncode != 0 and "learning_rate" in res.stderr
+    res = run_cli("generate-data", "--config", path, "nope", check=False)
+    assert res.returncode != 0 and "no experiment named 'nope'" in res.stderr
+    assert "Traceback" not in res.stderr  # our own errors are one clear line
+
+
+def test_layout_is_the_workflows():
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    layout = cfg.Layout.of(resolve(config, "identity"))
+    assert layout.model_dir == "resources/models/smollm2_135m_instruct"
+    assert layout.data_file == "results/data/generated/self_cognition.json"
+    assert layout.work_dir == "work_dirs/identity" and layout.result("adapter") == "results/identity/adapter"
+    # the rules spell the same paths
+    rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
+    for path in ('"results/{exp}/adapter"', '"results/{exp}/training.json"', 'f"work_dirs/{wc.exp}"'):
+        assert path in rules, path
+    assert json.dumps(cfg.model_dir("{model}")) in rules and "results/data/generated/{dataset}.json" in rules
