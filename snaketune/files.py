@@ -49,6 +49,9 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
         raise FileExistsError(f"{out} already exists; remove it to make it again")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
     try:
         yield tmp
         if out.is_symlink() or out.is_file():
