@@ -12,6 +12,7 @@ without a snaketune config, as ``xtuner convert`` does.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -23,18 +24,23 @@ from .config import (ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig,
 from .joblog import job
 
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+log = logging.getLogger("snaketune")
 
 
 def experiment_of(args: argparse.Namespace):
     """The experiment named on the command line, resolved from its config with overrides."""
     config, name = load(args.config, args.experiment, args.set)
     if SCHEMA.is_file():  # the checkout's schema: type checks and defaults, as the workflow does
-        from snakemake.utils import validate
-
         try:
-            validate(config, str(SCHEMA))
-        except Exception as err:  # snakemake raises WorkflowError with the schema's message
-            raise ConfigError(f"{args.config}: {err}") from None
+            from snakemake.utils import validate
+        except ImportError:  # a GPU box with only the training stack: the dataclasses still check keys
+            log.warning("snakemake is not installed: %s is checked against the config dataclasses only",
+                        args.config)
+        else:
+            try:
+                validate(config, str(SCHEMA))
+            except Exception as err:  # snakemake raises WorkflowError with the schema's message
+                raise ConfigError(f"{args.config}: {err}") from None
     exp = resolve(config, name)
     return exp, Layout.of(exp)
 

@@ -50,7 +50,10 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit(directory: str | Path) -> dict[str, Any]:
     def git(*args: str) -> str | None:
-        res = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
+        try:
+            res = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
+        except FileNotFoundError:  # no git on this machine: the commit is unknown, not an error
+            return None
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")

@@ -122,3 +122,23 @@ def test_layout_is_the_workflows():
     for path in ('"results/{exp}/adapter"', '"results/{exp}/training.json"', 'f"work_dirs/{wc.exp}"'):
         assert path in rules, path
     assert json.dumps(cfg.model_dir("{model}")) in rules and "results/data/generated/{dataset}.json" in rules
+
+
+def test_cli_works_without_snakemake_and_provenance_without_git(tmp_path, monkeypatch):
+    """The GPU machine has neither (bench/gpu_check.sh runs `snaketune train` there): the CLI then checks
+    the config with the dataclasses alone, and provenance records an unknown commit instead of failing."""
+    import subprocess
+    import sys
+
+    from snaketune.provenance import git_commit
+
+    spec = {"name": "N", "owner": "O", "answers": {"en": "I am {name}"}, "questions": {"en": ["Who?"]}, "copies": 2}
+    path = tiny_config(tmp_path / "c.yaml", dataset={"generator": "self_cognition", "spec": spec})
+    out = tmp_path / "d.jsonl"
+    code = ("import sys; sys.modules['snakemake'] = None; from snaketune.cli import main; "
+            f"main(['generate-data', '--config', {path!r}, '--output', {str(out)!r}])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "snakemake is not installed" in res.stderr and len(read_jsonl(out)) == 2
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on it
+    assert git_commit(ROOT) == {"commit": None, "dirty": None}
