@@ -1,8 +1,14 @@
 # snaketune: XTuner's fine-tuning chain as one workflow.
 #   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# The snaketune package beside this Snakefile serves the workflow (and every job, through
+# scripts/_workflow.py): conda envs and containers install only its dependencies.
+sys.path.insert(0, workflow.basedir)
 
 
 configfile: "config/config.yaml"

@@ -55,14 +55,48 @@ def dataset_entry(name):
     )
 
 
-def data_rule(name):
-    """Which job makes dataset `name` (generated, or converted from a file or hub)."""
-    return "generate_data" if dataset_entry(name).generated else "convert_data"
-
-
 def experiment_data(wildcards):
+    """The file train reads: the one dataset's, or the experiment's mixture."""
+    return resolved(wildcards.exp).data_file
+
+
+def mixture_sources(wildcards):
+    """What went into a mixture (for provenance); nothing for a single dataset."""
     exp = resolved(wildcards.exp)
-    return st_config.dataset_file(exp.dataset_name, exp.dataset.generated)
+    return [st_config.mixture_sources_file(exp.name)] if exp.mixed else []
+
+
+def mixture_inputs(wildcards):
+    exp = resolved(wildcards.exp)
+    return [st_config.dataset_file(p.name, exp.datasets[p.name]) for p in exp.mixture]
+
+
+def mixture_parts(wildcards):
+    exp = resolved(wildcards.exp)
+    return [
+        {"name": p.name, "repeat": p.repeat, "file": path}
+        for p, path in zip(exp.mixture, mixture_inputs(wildcards))
+    ]
+
+
+def train_seed(wildcards):
+    return resolved(wildcards.exp).train.seed
+
+
+def replay_spec(wildcards):
+    return st_config.ReplaySpec.from_dict(
+        dataset_entry(wildcards.dataset).spec, f"datasets.{wildcards.dataset}.spec"
+    )
+
+
+def replay_model(wildcards):
+    """The model whose answers a replay dataset holds."""
+    return st_config.model_dir(replay_spec(wildcards).model)
+
+
+def replay_trust_remote_code(wildcards):
+    model = replay_spec(wildcards).model
+    return st_config.ModelConfig.from_dict(config["models"][model]).trust_remote_code
 
 
 def dataset_params(wildcards):
@@ -82,13 +116,12 @@ def model_params(wildcards):
 def experiment_benchmarks(wildcards):
     """The benchmark file of every job an experiment's model is made by."""
     exp = resolved(wildcards.exp)
+    steps = ["mix_data"] if exp.mixed else []
+    steps += ["train", "pth_to_hf", "merge", "evaluate"]
     return [
         f"benchmarks/fetch_model/{exp.model_name}.tsv",
-        f"benchmarks/{data_rule(exp.dataset_name)}/{exp.dataset_name}.tsv",
-        *(
-            f"benchmarks/{step}/{wildcards.exp}.tsv"
-            for step in ("train", "pth_to_hf", "merge", "evaluate")
-        ),
+        *(f"benchmarks/{rule}/{name}.tsv" for rule, name in exp.data_jobs()),
+        *(f"benchmarks/{step}/{wildcards.exp}.tsv" for step in steps),
     ]
 
 

@@ -3,6 +3,7 @@
 localrules:
     generate_data,
     convert_data,
+    mix_data,
 
 
 rule generate_data:
@@ -37,3 +38,44 @@ rule convert_data:
         dataset=dataset_params,
     script:
         "../scripts/convert_data.py"
+
+
+rule replay_data:
+    """A model's own greedy answers to the training part of a general question set (self-distillation),
+    to mix into fine-tuning data so the model keeps its general ability."""
+    input:
+        model=replay_model,
+    output:
+        "results/data/replay/{dataset}.json",
+    log:
+        "logs/replay_data/{dataset}.log",
+    benchmark:
+        "benchmarks/replay_data/{dataset}.tsv"
+    conda:
+        "../envs/replay_data.yaml"
+    params:
+        dataset=dataset_params,
+        trust_remote_code=replay_trust_remote_code,
+    script:
+        "../scripts/replay_data.py"
+
+
+rule mix_data:
+    """An experiment's datasets concatenated, each `repeat` times, into one training file; sources.json
+    records each dataset's file, hash and record counts (for provenance)."""
+    input:
+        mixture_inputs,
+    output:
+        data="results/data/mixed/{exp}/data.json",
+        sources="results/data/mixed/{exp}/sources.json",
+    log:
+        "logs/mix_data/{exp}.log",
+    benchmark:
+        "benchmarks/mix_data/{exp}.tsv"
+    conda:
+        "../envs/mix_data.yaml"
+    params:
+        parts=mixture_parts,
+        seed=train_seed,
+    script:
+        "../scripts/mix_data.py"

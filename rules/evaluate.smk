@@ -1,5 +1,6 @@
 rule evaluate:
-    """Base vs fine-tuned answers side by side; fails when merged and base + adapter disagree,
+    """What fine-tuning gained and cost: identity (trained, held-out), leakage, retention, likelihood
+    drift; fails when a configured threshold is missed, when merged and base + adapter disagree,
     or when a fine-tuned answer never stops."""
     input:
         model=model_dir,
@@ -9,6 +10,7 @@ rule evaluate:
     output:
         answers="results/{exp}/evaluation.jsonl",
         markdown="results/{exp}/evaluation.md",
+        summary="results/{exp}/evaluation.json",
     log:
         "logs/evaluate/{exp}.log",
     benchmark:

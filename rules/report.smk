@@ -9,6 +9,7 @@ rule report_experiment:
         metrics="results/{exp}/metrics.jsonl",
         provenance="results/{exp}/provenance.json",
         evaluation="results/{exp}/evaluation.jsonl",
+        evaluation_summary="results/{exp}/evaluation.json",
         benchmarks=experiment_benchmarks,
     output:
         curves=report(

@@ -4,6 +4,7 @@ rule train:
     input:
         model=model_dir,
         data=experiment_data,
+        mixture_sources=mixture_sources,
     output:
         summary="results/{exp}/training.json",
         metrics="results/{exp}/metrics.jsonl",

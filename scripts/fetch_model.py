@@ -1,5 +1,6 @@
 """Link, download or import the base model. By hand: python scripts/fetch_model.py --help"""
 
+import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.config import ModelConfig

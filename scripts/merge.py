@@ -1,5 +1,6 @@
 """Base + adapter -> merged model (xtuner convert merge). By hand: python scripts/merge.py --help"""
 
+import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.config import MergeConfig

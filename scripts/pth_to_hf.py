@@ -1,5 +1,6 @@
 """Checkpoint -> PEFT adapter (xtuner convert pth_to_hf). By hand: python scripts/pth_to_hf.py --help"""
 
+import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.config import ExportConfig, LoraConfig

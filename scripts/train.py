@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.config import ModelConfig, TrainConfig
@@ -19,4 +20,5 @@ else:
                     # null ranks: one per GPU the job got (a profile may set the gpu count)
                     ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
                     threads=snakemake.threads, workflow_dir=Path(snakemake.scriptdir).parent,
-                    log_file=snakemake.log[0])
+                    log_file=snakemake.log[0],
+                    mixture_sources=next(iter(snakemake.input.mixture_sources), None))  # none for one dataset

@@ -5,7 +5,13 @@ layout, plus one ``rng_state_R.pt`` per rank and a completion marker
 (:data:`COMPLETE`) written by rank 0 after every rank finished writing. Only
 marked checkpoints are ever resumed; a torn one (killed mid-write) is ignored.
 The marker records the run's fingerprint (settings, data, model, ranks), so a
-checkpoint of another run definition is set aside, never resumed.
+checkpoint of another run definition is set aside, never resumed, and the
+SHA-256 of every file, verified before a checkpoint is resumed or converted:
+a checkpoint that changed since it was written is moved aside and the one
+before it is used. Checkpoint files are untrusted input: they are unpickled
+with ``torch.load(weights_only=True)`` and the three DeepSpeed classes its
+optimizer state holds, so nothing in them can run code; symbolic links are
+refused (a rerun would otherwise resume, and prune, outside the work directory).
 
 ``runs.jsonl`` is the progress record: one line per start of the training
 (when, from which iteration, on how many ranks, and when it ended).
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import random
@@ -39,58 +46,147 @@ NOT_IN_FINGERPRINT = {"save_steps", "save_total_limit", "evaluation_freq", "eval
                       "evaluation_max_new_tokens", "SYSTEM"}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file that asks to run code (or import anything but tensors and plain data)."""
+
+
 def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int) -> str:
-    """What a checkpoint must have been made with to be resumed: settings, data, model, ranks."""
+    """What a checkpoint must have been made with to be resumed: settings, data, model weights, ranks."""
+    from .provenance import model_hash, sha256_file
+
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT},
                         sort_keys=True).encode())
-    h.update(Path(data_file).read_bytes())
-    h.update((Path(model_dir) / "config.json").read_bytes())
+    h.update(sha256_file(data_file).encode())
+    h.update(model_hash(model_dir).encode())
     h.update(str(world).encode())
     return h.hexdigest()[:16]
 
 
-def complete_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
-    """Checkpoints whose writing finished (marker present), oldest first."""
+def _checkpoint_dirs(work_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if work_dir.is_dir():
         for p in work_dir.iterdir():
             m = CKPT_RE.match(p.name)
-            if m and (p / COMPLETE).is_file():
+            if m:
+                if p.is_symlink():
+                    raise CheckpointError(
+                        f"{p} is a symbolic link (to {os.readlink(p)}); snaketune never resumes from or deletes "
+                        "through a link. Move it out of the work directory, or copy the checkpoint in its place.")
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
 
+def complete_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints whose writing finished (marker present), oldest first."""
+    return [(n, p) for n, p in _checkpoint_dirs(work_dir) if (p / COMPLETE).is_file()]
+
+
 def torn_checkpoints(work_dir: Path) -> list[Path]:
-    if not work_dir.is_dir():
-        return []
-    return sorted(p for p in work_dir.iterdir() if CKPT_RE.match(p.name) and not (p / COMPLETE).is_file())
+    return [p for _, p in _checkpoint_dirs(work_dir) if not (p / COMPLETE).is_file()]
 
 
 def marker(ckpt: Path) -> dict:
     return json.loads((ckpt / COMPLETE).read_text())
 
 
-def set_aside(work_dir: Path, current: str) -> Path | None:
-    """Move checkpoints of another run definition out of the way (never delete them)."""
-    stale = [p for _, p in complete_checkpoints(work_dir) if marker(p).get("fingerprint") != current]
-    if not stale:
+def move_aside(paths: list[Path], work_dir: Path, why: str) -> Path | None:
+    """Move checkpoints to ``work_dir/<why>/<time>/`` (never delete them)."""
+    if not paths:
         return None
-    dest = work_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True)
-    for p in stale:
+    dest = work_dir / why / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
         os.replace(p, dest / p.name)
     return dest
 
 
-def tidy(work_dir: Path, current: str) -> None:
-    """Rank 0, before resuming: report torn checkpoints and set aside those of other runs."""
+def set_aside(work_dir: Path, current: str) -> Path | None:
+    """Move checkpoints of another run definition out of the way."""
+    stale = [p for _, p in complete_checkpoints(work_dir) if marker(p).get("fingerprint") != current]
+    return move_aside(stale, work_dir, "superseded")
+
+
+def finished(work_dir: Path, total_iters: int) -> bool:
+    """The newest checkpoint is the final one and the run that made it ended: training was complete."""
+    done, runs = complete_checkpoints(work_dir), read_jsonl(work_dir / RUNS)
+    return bool(done) and done[-1][0] == total_iters and bool(runs) and "end" in runs[-1]
+
+
+def tidy(work_dir: Path, current: str, total_iters: int) -> None:
+    """Rank 0, before resuming: leave only checkpoints this run may resume from.
+
+    Torn checkpoints are ignored; those of other run definitions are set aside;
+    a training that had finished starts over (a rerun of a finished training is
+    a request to retrain, e.g. ``--forcerun train``); a checkpoint whose files
+    changed since they were written is moved aside, and the one before is used.
+    """
     for torn in torn_checkpoints(work_dir):
         log.warning("ignoring %s: it was not completely written (no %s)", torn, COMPLETE)
     moved = set_aside(work_dir, current)
     if moved:
         log.warning("checkpoints made with other settings, data, model or rank count moved to %s; "
                     "training starts from iteration 0", moved)
+    if finished(work_dir, total_iters):
+        moved = move_aside([p for _, p in complete_checkpoints(work_dir)], work_dir, "superseded")
+        log.warning("the training in %s had finished; training again from iteration 0 (its checkpoints "
+                    "moved to %s)", work_dir, moved)
+    for _, ckpt in reversed(complete_checkpoints(work_dir)):
+        try:
+            verify(ckpt)
+            return
+        except UnsafeCheckpoint:
+            raise
+        except CheckpointError as err:
+            moved = move_aside([ckpt], work_dir, "corrupt")
+            log.warning("not resuming from %s: %s; moved to %s, trying the checkpoint before it", ckpt, err, moved)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != COMPLETE)
+
+
+def checksums(ckpt: Path) -> dict[str, str]:
+    from .provenance import sha256_file
+
+    return {str(p.relative_to(ckpt)): sha256_file(p) for p in _files(ckpt)}
+
+
+def verify(ckpt: Path) -> None:
+    """Every file the completion marker lists is there, a regular file, and unchanged."""
+    from .provenance import sha256_file
+
+    if ckpt.is_symlink():
+        raise CheckpointError(f"{ckpt} is a symbolic link; refusing it")
+    listed = marker(ckpt).get("files")
+    if not listed:
+        raise CheckpointError(f"{ckpt / COMPLETE} lists no file checksums (written by an older snaketune?)")
+    for name, digest in listed.items():
+        path = ckpt / name
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link; refusing it")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path} changed since it was written (checksum mismatch: truncated or corrupt)")
+
+
+def all_finite(tensors) -> bool:
+    """No NaN or infinity in any of the tensors (weights, gradients, a loss)."""
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def is_finite_number(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 # ---------------------------------------------------------------- random state
@@ -130,7 +226,7 @@ def save(engine, work_dir: Path, iteration: int, *, fingerprint: str, keep: int)
     dist.barrier()
     if rank == 0:
         write_json(work_dir / tag / COMPLETE, {"iteration": iteration, "world_size": world,
-                                               "fingerprint": fingerprint}, indent=None)
+                                               "fingerprint": fingerprint, "files": checksums(work_dir / tag)})
         write_text(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
         done = complete_checkpoints(work_dir)
         for _, old in done[:-keep]:
@@ -139,15 +235,43 @@ def save(engine, work_dir: Path, iteration: int, *, fingerprint: str, keep: int)
     dist.barrier()
 
 
+# What DeepSpeed pickles beside tensors into a ZeRO-2 optimizer state: plain-data classes.
+DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+def safe_load(path: str | os.PathLike, map_location=None):
+    """``torch.load`` of a checkpoint file that refuses anything but tensors, plain data and
+    :data:`DEEPSPEED_GLOBALS` (``weights_only``): no file can run code on resume."""
+    import importlib
+    import pickle
+
+    import torch
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpoint(f"{path}: refused to load: it holds more than tensors and plain data ({first})") \
+            from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+
+
 def load(engine, ckpt: Path) -> int:
     """Weights, optimizer, LR schedule and this rank's random state; returns the iteration."""
-    import torch
     import torch.distributed as dist
 
-    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+    engine.checkpoint_engine.load = safe_load  # DeepSpeed's own loader unpickles anything
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+    if path is None:
+        raise CheckpointError(f"{ckpt}: DeepSpeed found no checkpoint to load there")
     rng_file = ckpt / f"rng_state_{dist.get_rank()}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(rng_file))
     return int(CKPT_RE.match(ckpt.name).group(1))
 
 

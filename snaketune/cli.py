@@ -52,18 +52,54 @@ def _yaml(text: str):
 # ---------------------------------------------------------------- steps
 
 
+def _datasets_made_by(exp, step: str, output: str | None) -> list[tuple[str, object, str]]:
+    """(name, entry, output file) of each dataset of the experiment that ``step`` makes."""
+    from .config import dataset_file
+
+    made = [(name, ds, dataset_file(name, ds)) for name, ds in exp.datasets.items() if ds.step == step]
+    if not made:
+        kinds = ", ".join(f"{name}: {ds.step.replace('_', '-')}" for name, ds in exp.datasets.items())
+        raise ConfigError(f"experiment {exp.name} has no dataset made by {step.replace('_', '-')} ({kinds})")
+    if output:
+        if len(made) > 1:
+            raise ConfigError(f"--output: experiment {exp.name} has {len(made)} such datasets; leave --output out")
+        made = [(made[0][0], made[0][1], output)]
+    return made
+
+
 def cmd_generate_data(args) -> None:
-    exp, layout = experiment_of(args)
-    if not exp.dataset.generated:
-        raise ConfigError(f"datasets.{exp.dataset_name} is converted, not generated: use convert-data")
-    steps.generate_data(exp.dataset, args.output or layout.data_file)
+    exp, _ = experiment_of(args)
+    for _, dataset, output in _datasets_made_by(exp, "generate_data", args.output):
+        steps.generate_data(dataset, output)
 
 
 def cmd_convert_data(args) -> None:
+    exp, _ = experiment_of(args)
+    for _, dataset, output in _datasets_made_by(exp, "convert_data", args.output):
+        steps.convert_data(dataset, output)
+
+
+def cmd_replay_data(args) -> None:
+    from .config import ReplaySpec, model_dir
+
+    config, _ = load(args.config, args.experiment, args.set)
+    exp, _ = experiment_of(args)
+    for name, dataset, output in _datasets_made_by(exp, "replay_data", args.output):
+        spec = ReplaySpec.from_dict(dataset.spec, f"datasets.{name}.spec")
+        trust = bool(config["models"][spec.model].get("trust_remote_code", False))
+        steps.replay_data(dataset, args.model or model_dir(spec.model), output, trust_remote_code=trust)
+
+
+def cmd_mix_data(args) -> None:
+    from .config import dataset_file
+
     exp, layout = experiment_of(args)
-    if exp.dataset.generated:
-        raise ConfigError(f"datasets.{exp.dataset_name} is generated, not converted: use generate-data")
-    steps.convert_data(exp.dataset, args.output or layout.data_file)
+    if not exp.mixed:
+        raise ConfigError(f"experiment {exp.name} trains on one dataset ({exp.mixture[0].name}): nothing to mix")
+    parts = [{"name": p.name, "repeat": p.repeat, "file": dataset_file(p.name, exp.datasets[p.name])}
+             for p in exp.mixture]
+    steps.mix_data(parts, args.output or layout.data_file, args.sources or layout.mixture_sources,
+                   seed=exp.train.seed)
 
 
 def cmd_fetch_model(args) -> None:
@@ -79,7 +115,8 @@ def cmd_train(args) -> None:
                 provenance=args.provenance or layout.result("provenance.json"),
                 train=exp.train, model=exp.model, record=exp.provenance_record(),
                 ranks=args.ranks or exp.ranks or max(1, exp.gpus), threads=args.threads,
-                workflow_dir=Path(__file__).resolve().parents[1], log_file=args.log)
+                workflow_dir=Path(__file__).resolve().parents[1], log_file=args.log,
+                mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None)
 
 
 def cmd_pth_to_hf(args) -> None:
@@ -127,6 +164,7 @@ def cmd_evaluate(args) -> None:
                    args.merged or layout.result("merged"), exp.evaluation, template=exp.train.template,
                    system=exp.train.SYSTEM, data_file=args.data or layout.data_file,
                    answers=layout.result("evaluation.jsonl"), markdown=layout.result("evaluation.md"),
+                   summary=layout.result("evaluation.json"),
                    trust_remote_code=exp.model.trust_remote_code)
 
 
@@ -134,13 +172,120 @@ def cmd_report(args) -> None:
     exp, layout = experiment_of(args)
     benchmarks = sorted(Path("benchmarks").glob(f"*/{exp.name}.tsv")) + [
         Path(f"benchmarks/fetch_model/{exp.model_name}.tsv"),
-        Path(f"benchmarks/{'generate_data' if exp.dataset.generated else 'convert_data'}/{exp.dataset_name}.tsv")]
+        *(Path(f"benchmarks/{rule}/{name}.tsv") for rule, name in exp.data_jobs())]
     steps.report(title=exp.name, metrics=layout.result("metrics.jsonl"), evaluation=layout.result("evaluation.jsonl"),
+                 evaluation_summary=layout.result("evaluation.json"),
                  provenance=layout.result("provenance.json"), benchmarks=[b for b in benchmarks if b.exists()],
                  curves=layout.result("report/training_curves.svg"),
                  evaluation_page=layout.result("report/evaluation.html"),
                  provenance_page=layout.result("report/provenance.html"),
                  benchmarks_page=layout.result("report/benchmarks.html"))
+
+
+# ---------------------------------------------------------------- chat, web page, XTuner's config and dataset tools
+
+
+def _chat(args):
+    """(Chat, what it talks to) for MODEL: a model directory (a base model with --adapter), or an
+    experiment's merged model (its base model with --adapter) with the experiment's template and SYSTEM."""
+    import torch
+
+    from .chat import Chat, GenerationSettings, load_model
+    from .templates import SYSTEM_TEMPLATES, TOKENIZER_TEMPLATE
+
+    template, system, trust = args.prompt_template, "", args.trust_remote_code
+    if args.model and Path(args.model).is_dir():
+        model_dir = args.model
+    elif args.model and "/" in args.model:
+        raise ConfigError(f"{args.model}: no such model directory")
+    else:
+        args.experiment = args.model
+        exp, layout = experiment_of(args)
+        model_dir = layout.model_dir if args.adapter else layout.result("merged")
+        if not Path(model_dir).is_dir():
+            raise ConfigError(f"{model_dir} does not exist: build it with `snakemake final_model`, "
+                              "or name a model directory")
+        template, system, trust = template or exp.train.template, exp.train.SYSTEM, trust or exp.model.trust_remote_code
+    if args.system is not None:
+        system = args.system
+    elif args.system_template:
+        system = SYSTEM_TEMPLATES[args.system_template]
+    model, tokenizer = load_model(model_dir, adapter=args.adapter, bits=args.bits, trust_remote_code=trust)
+    if template is None:  # a merged model's saved chat template renders the training format
+        if not tokenizer.chat_template:
+            raise ConfigError(f"{model_dir} has no chat template: give --prompt-template")
+        template = TOKENIZER_TEMPLATE
+    torch.manual_seed(args.seed)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k)
+    where = model_dir + (f" + {args.adapter}" if args.adapter else "")
+    return Chat(model, tokenizer, template, system=system, settings=settings), where
+
+
+def cmd_chat(args) -> None:
+    from .chat import COMMANDS, repl, terminal_reader
+
+    chat, where = _chat(args)
+    interactive = sys.stdin.isatty()
+    print(f"{where}, template {getattr(chat.template, 'name', chat.template)}, "
+          f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature}'}; {COMMANDS}",
+          file=sys.stderr, flush=True)
+    repl(chat, terminal_reader(interactive), sys.stdout,
+         stream=interactive and sys.stdout.isatty() and not args.no_streaming)
+
+
+def cmd_web(args) -> None:
+    from .web import build_app, serve
+
+    chat, where = _chat(args)
+    serve(build_app(chat.model, chat.tokenizer, chat.template, system=chat.system, settings=chat.settings,
+                    title=where), args.host, args.port)
+
+
+def cmd_list_cfg(args) -> None:
+    from .datatools import list_presets
+
+    print("\n".join(list_presets(args.pattern)))
+
+
+def cmd_copy_cfg(args) -> None:
+    from .datatools import copy_preset
+
+    print(copy_preset(args.name, args.dir))
+
+
+def _dataset_of(args):
+    from . import datatools
+    from .model import load_tokenizer
+
+    exp, layout = experiment_of(args)
+    sources = datatools.dataset_sources(exp, args.data, args.format)
+    where = datatools.tokenizer_dir(exp, layout, args.model)
+    tokenizer = load_tokenizer(where, exp.model.trust_remote_code) if where else None
+    return exp, sources, where, tokenizer
+
+
+def cmd_check_custom_dataset(args) -> None:
+    from .datatools import check_dataset, print_report
+
+    exp, sources, where, tokenizer = _dataset_of(args)
+    ok = True
+    for source in sources:
+        report = check_dataset(source, tokenizer, exp.train.template, exp.train.max_length)
+        print_report(report, sys.stdout, tokens_from=where, template=exp.train.template,
+                     max_length=exp.train.max_length)
+        ok = ok and report.ok
+    if not ok:
+        raise SystemExit(1)
+
+
+def cmd_log_dataset(args) -> None:
+    from .datatools import log_samples
+
+    exp, sources, _, tokenizer = _dataset_of(args)
+    if tokenizer is None:
+        raise ConfigError("log-dataset needs the model's tokenizer: run `snaketune fetch-model` or give --model DIR")
+    log_samples(sources, tokenizer, exp.train.template, exp.train.max_length, args.n, args.show, sys.stdout)
 
 
 # ---------------------------------------------------------------- parser
@@ -211,6 +356,76 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="training data, to mark which prompts were trained on")
 
     add("report", cmd_report, "the report's parts: training curves, evaluation, provenance, benchmarks")
+
+    # ------------------------------------------------------------ chat, web page, XTuner's config and dataset tools
+    from .data import CONVERTERS
+    from .datatools import SHOW
+    from .templates import SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER_TEMPLATE
+
+    def chat_arguments(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a model directory (merged, or a base model with --adapter), or an experiment name: "
+                             "its results/EXPERIMENT/merged with its template and SYSTEM (default: the first under run)")
+        sp.add_argument("--adapter", help="a PEFT adapter directory to put on MODEL (an experiment's: its base model)")
+        sp.add_argument("--prompt-template", choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
+                        help="default: the experiment's; for a directory, its tokenizer's chat template "
+                             "(a merged model's renders the training format)")
+        system = sp.add_mutually_exclusive_group()
+        system.add_argument("--system", help="system prompt (default: the experiment's SYSTEM)")
+        system.add_argument("--system-template", choices=sorted(SYSTEM_TEMPLATES), help="one of XTuner's system prompts")
+        sp.add_argument("--max-new-tokens", type=int, default=512)
+        sp.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default): greedy, reproducible; XTuner samples at 0.1")
+        sp.add_argument("--top-p", type=float, default=0.75, help="when sampling (default: %(default)s, XTuner's)")
+        sp.add_argument("--top-k", type=int, default=40, help="when sampling (default: %(default)s, XTuner's)")
+        sp.add_argument("--seed", type=int, default=0, help="torch seed, set once at start (default: %(default)s)")
+        sp.add_argument("--bits", type=int, choices=[4], help="4: load in NF4 with bitsandbytes (CUDA GPU only)")
+        sp.add_argument("--trust-remote-code", action="store_true", help="run the model directory's hub code")
+
+    sp = add("chat", cmd_chat, "chat in the terminal (xtuner chat): multi-turn, streamed, in the training format; "
+             "reads prompts from stdin when it is not a terminal", experiment=False)
+    chat_arguments(sp)
+    sp.add_argument("--no-streaming", action="store_true", help="print each answer when it is complete")
+
+    sp = add("web", cmd_web, "the chat as a web page (Gradio)", experiment=False)
+    chat_arguments(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="default: %(default)s (this machine only)")
+    sp.add_argument("--port", type=int, default=7860)
+
+    sp = add("list-cfg", cmd_list_cfg, "list the presets in config/presets (xtuner list-cfg)", experiment=False)
+    sp.add_argument("-p", "--pattern", help="only names containing this (case-insensitive)")
+
+    sp = add("copy-cfg", cmd_copy_cfg, "copy a preset to DIR/NAME.yaml, never overwriting (xtuner copy-cfg)",
+             experiment=False)
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("dir", metavar="DIR")
+
+    def dataset_arguments(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", help="read this file instead of the experiment's dataset")
+        sp.add_argument("--format", choices=sorted(CONVERTERS), help="format of --data (default: the dataset's)")
+        sp.add_argument("--model", help="tokenizer directory (default: the experiment's model)")
+
+    sp = add("check-custom-dataset", cmd_check_custom_dataset, "validate the experiment's dataset: every record, "
+             "token lengths, truncation, records with nothing to learn; exits 1 on bad data")
+    dataset_arguments(sp)
+
+    sp = add("log-dataset", cmd_log_dataset,
+             "print the first samples as training encodes them, supervised tokens marked ⟦like this⟧")
+    dataset_arguments(sp)
+    sp.add_argument("-n", type=int, default=1, help="how many samples (default: %(default)s)")
+    sp.add_argument("--show", choices=SHOW, default="masked_text",
+                    help="masked_text (default): the text, supervised tokens between ⟦ and ⟧; text; "
+                         "input_ids; labels; all")
+
+    # ------------------------------------------------------------ replay data and mixtures
+    sp = add("replay-data", cmd_replay_data, "write the experiment's replay dataset(s): the model's own greedy "
+             "answers to the training part of a general question set")
+    sp.add_argument("--model", help="the model answering (default: resources/models/MODEL of the replay spec)")
+    sp.add_argument("--output", help="default: results/data/replay/DATASET.json")
+
+    sp = add("mix-data", cmd_mix_data, "concatenate the experiment's datasets, each repeated, into one training file")
+    sp.add_argument("--output", help="default: results/data/mixed/EXPERIMENT/data.json")
+    sp.add_argument("--sources", help="what went in, for provenance (default: results/data/mixed/EXPERIMENT/sources.json)")
     return p
 
 

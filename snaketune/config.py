@@ -5,7 +5,9 @@ that refer to each other by name. :func:`resolve` turns one experiment into
 an :class:`Experiment` whose sections (:class:`ModelConfig`,
 :class:`DatasetConfig`, :class:`TrainConfig`, :class:`ExportConfig`,
 :class:`MergeConfig`, :class:`EvaluationConfig`) carry every setting with its
-default applied. The defaults are the dataclasses' own; ``config/schema.yaml``
+default applied (an experiment's ``dataset`` may be a mixture of several,
+:class:`DatasetPart`; a ``replay`` dataset's spec is a :class:`ReplaySpec`).
+The defaults are the dataclasses' own; ``config/schema.yaml``
 repeats them for Snakemake's validation and documentation, and a test keeps
 the two in step.
 
@@ -78,6 +80,40 @@ class DatasetConfig(Section):
         """A local file takes precedence over a hub name."""
         return self.path or self.hub or ""
 
+    @property
+    def step(self) -> str:
+        """The workflow rule (and CLI step) that makes this dataset."""
+        if self.generator == "replay":
+            return "replay_data"
+        return "generate_data" if self.generated else "convert_data"
+
+    @property
+    def folder(self) -> str:
+        """Where under ``results/data/`` its file goes."""
+        return {"replay_data": "replay", "generate_data": "generated", "convert_data": "converted"}[self.step]
+
+
+@dataclass
+class ReplaySpec(Section):
+    """``generator: replay``: a model's own greedy answers to the training part of a question set
+    (self-distillation), mixed into fine-tuning data so the model keeps what it could do."""
+
+    model: str  # whose answers: a name under models (the experiment's base model, as a rule)
+    template: str  # the prompt template the answers are asked in (the experiment's train.template)
+    system: str = ""
+    questions: str = "general"  # a question set shipped with snaketune, or a .jsonl file of questions
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    unfinished: str = "open"  # an answer cut off at max_new_tokens: open (trained without an end-of-turn) or drop
+
+
+@dataclass
+class DatasetPart(Section):
+    """One dataset of an experiment's mixture and how often its records go in."""
+
+    name: str
+    repeat: float = 1.0  # 2 = every record twice; 0.5 = a seeded half of them
+
 
 @dataclass
 class LoraConfig(Section):
@@ -111,7 +147,12 @@ class TrainConfig(Section):
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str = "nf4"
-    gradient_checkpointing: bool = True
+    # auto: on only when the activations of the largest micro-batch would not fit comfortably in the
+    # memory left after loading the model (snaketune.model.activation_bytes); true / false force it.
+    gradient_checkpointing: bool | str = "auto"
+    # Micro-batches of similar lengths (less padding); the samples of each optimizer step stay
+    # independent of how the global batch is split into ranks and accumulation (train.epoch_order).
+    group_by_length: bool = False
 
 
 @dataclass
@@ -132,10 +173,21 @@ class MergeConfig(Section):
 
 @dataclass
 class EvaluationConfig(Section):
-    prompts: list[str] = field(default_factory=list)
+    """What fine-tuning gained (the identity) and what it cost (leakage, retention, likelihood drift)."""
+
+    prompts: list[str] = field(default_factory=list)  # identity questions, trained and held-out
     identity_keywords: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     require_stop: bool = True
+    general_questions: str | None = "general"  # a shipped question set or a .jsonl file; null: none
+    general_max_new_tokens: int = 48
+    batch_size: int = 16
+    # Thresholds (null: report only). The evaluate step fails, naming the metric, when one is missed.
+    min_identity_trained: float | None = None
+    min_identity_heldout: float | None = None
+    max_leakage: float | None = None
+    min_retention: float | None = None
+    max_nll_drift: float | None = None
 
 
 @dataclass
@@ -145,8 +197,8 @@ class Experiment:
     name: str
     model_name: str
     model: ModelConfig
-    dataset_name: str
-    dataset: DatasetConfig
+    mixture: list[DatasetPart]  # one part: the dataset itself; more (or a repeat): mixed first
+    datasets: dict[str, DatasetConfig]  # the mixture's entries by name
     train: TrainConfig
     gpus: int = 0
     ranks: int | None = None
@@ -154,11 +206,31 @@ class Experiment:
     merge: MergeConfig = field(default_factory=MergeConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
+    @property
+    def mixed(self) -> bool:
+        """Whether the training data is a mixture file rather than the one dataset's own file."""
+        return len(self.mixture) > 1 or self.mixture[0].repeat != 1
+
+    @property
+    def data_file(self) -> str:
+        """The file the train step reads."""
+        if self.mixed:
+            return mixture_file(self.name)
+        name = self.mixture[0].name
+        return dataset_file(name, self.datasets[name])
+
+    def data_jobs(self) -> list[tuple[str, str]]:
+        """(rule, dataset name) of every job that makes a dataset of the mixture."""
+        return [(self.datasets[part.name].step, part.name) for part in self.mixture]
+
     def provenance_record(self) -> dict[str, Any]:
         """What provenance.json records beside the train and model sections, which the train step
         has anyway (evaluation, export and merge settings do not make the model)."""
-        return {"experiment": self.name, "model": self.model_name, "dataset": self.dataset_name,
-                "gpus": self.gpus, "ranks": self.ranks, "dataset_entry": asdict(self.dataset)}
+        return {"experiment": self.name, "model": self.model_name,
+                "dataset": [part.name for part in self.mixture] if self.mixed else self.mixture[0].name,
+                "mixture": [asdict(part) for part in self.mixture],
+                "gpus": self.gpus, "ranks": self.ranks,
+                "dataset_entries": {name: asdict(entry) for name, entry in self.datasets.items()}}
 
 
 # Keys of an experiment entry that are sections, and their types.
@@ -208,13 +280,27 @@ def check(config: dict) -> None:
     for name, entry in config["experiments"].items():
         if entry["model"] not in config["models"]:
             problems.append(f"experiments.{name}.model: no model named {entry['model']!r} under models")
-        if entry["dataset"] not in config["datasets"]:
-            problems.append(f"experiments.{name}.dataset: no dataset named {entry['dataset']!r} under datasets")
+        try:
+            parts = mixture_of(entry.get("dataset"), f"experiments.{name}.dataset")
+        except ConfigError as err:
+            problems.append(str(err))
+            parts = []
+        for part in parts:
+            if part.name not in config["datasets"]:
+                problems.append(f"experiments.{name}.dataset: no dataset named {part.name!r} under datasets")
     for name, entry in config["datasets"].items():
         if "format" in entry and not (entry.get("path") or entry.get("hub")):
             problems.append(f"datasets.{name}: a converted dataset needs 'path' (local file) or 'hub'")
         if "generator" in entry and "spec" not in entry:
             problems.append(f"datasets.{name}: a generated dataset needs 'spec'")
+        if entry.get("generator") == "replay" and "spec" in entry:
+            try:
+                spec = ReplaySpec.from_dict(entry["spec"], f"datasets.{name}.spec")
+            except ConfigError as err:
+                problems.append(str(err))
+            else:
+                if spec.model not in config.get("models", {}):
+                    problems.append(f"datasets.{name}.spec.model: no model named {spec.model!r} under models")
     if problems:
         raise ConfigError("config errors:\n  " + "\n  ".join(problems))
 
@@ -226,17 +312,39 @@ def resolve(config: dict, name: str) -> Experiment:
         known = ", ".join(config["experiments"]) or "none"
         raise ConfigError(f"no experiment named {name!r} under experiments (defined: {known})")
     entry = dict(config["experiments"][name])
-    model_name, dataset_name = entry.pop("model"), entry.pop("dataset")
+    model_name = entry.pop("model")
     where = f"experiments.{name}"
+    mixture = mixture_of(entry.pop("dataset"), f"{where}.dataset")
     sections = {key: from_dict(cls, entry.pop(key, {}), f"{where}.{key}") for key, cls in SECTIONS.items()}
     if "train" not in config["experiments"][name]:
         raise ConfigError(f"{where}: missing key train")
     rest = from_dict(_ExperimentRest, entry, where)
+    datasets = {part.name: from_dict(DatasetConfig, config["datasets"][part.name], f"datasets.{part.name}")
+                for part in mixture}
     return Experiment(name=name, model_name=model_name,
                       model=from_dict(ModelConfig, config["models"][model_name], f"models.{model_name}"),
-                      dataset_name=dataset_name,
-                      dataset=from_dict(DatasetConfig, config["datasets"][dataset_name], f"datasets.{dataset_name}"),
-                      gpus=rest.gpus, ranks=rest.ranks, **sections)
+                      mixture=mixture, datasets=datasets, gpus=rest.gpus, ranks=rest.ranks, **sections)
+
+
+def mixture_of(value: Any, where: str) -> list[DatasetPart]:
+    """An experiment's ``dataset``: one name, or a list of names and ``{name, repeat}`` entries
+    (XTuner concatenates datasets; LLaMA-Factory takes ``dataset: identity,alpaca``)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(f"{where}: name at least one dataset")
+    parts = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]" if isinstance(value, list) else where
+        if isinstance(item, str):
+            item = {"name": item}
+        part = DatasetPart.from_dict(item, at)
+        if not isinstance(part.repeat, (int, float)) or part.repeat <= 0:
+            raise ConfigError(f"{at}.repeat: must be a number above 0, got {part.repeat!r}")
+        parts.append(part)
+    names = [part.name for part in parts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: a dataset is listed twice ({', '.join(names)}); give it a repeat instead")
+    return parts
 
 
 @dataclass
@@ -297,20 +405,19 @@ class Layout:
 
     experiment: str
     model_name: str
-    dataset_name: str
-    dataset_generated: bool
+    data_file: str  # what the train step reads: the one dataset's file or the mixture's
 
     @classmethod
     def of(cls, exp: Experiment) -> "Layout":
-        return cls(exp.name, exp.model_name, exp.dataset_name, exp.dataset.generated)
+        return cls(exp.name, exp.model_name, exp.data_file)
 
     @property
     def model_dir(self) -> str:
         return model_dir(self.model_name)
 
     @property
-    def data_file(self) -> str:
-        return dataset_file(self.dataset_name, self.dataset_generated)
+    def mixture_sources(self) -> str:
+        return mixture_sources_file(self.experiment)
 
     @property
     def work_dir(self) -> str:
@@ -324,5 +431,14 @@ def model_dir(model_name: str) -> str:
     return f"resources/models/{model_name}"
 
 
-def dataset_file(dataset_name: str, generated: bool) -> str:
-    return f"results/data/{'generated' if generated else 'converted'}/{dataset_name}.json"
+def dataset_file(dataset_name: str, dataset: DatasetConfig) -> str:
+    return f"results/data/{dataset.folder}/{dataset_name}.json"
+
+
+def mixture_file(experiment: str) -> str:
+    return f"results/data/mixed/{experiment}/data.json"
+
+
+def mixture_sources_file(experiment: str) -> str:
+    """What went into a mixture: each dataset's file, hash, records and repeat (for provenance)."""
+    return f"results/data/mixed/{experiment}/sources.json"

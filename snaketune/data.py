@@ -2,7 +2,8 @@
 
 A record is ``{"conversation": [turn, ...]}`` and a turn is
 ``{"system": str (optional), "input": str, "output": str,
-"output_with_loss": bool (optional)}``. Converters from other formats follow
+"output_with_loss": bool (optional), "end_of_turn": bool (optional; false
+on the last turn: the output was cut off, no end-of-turn is trained)}``. Converters from other formats follow
 XTuner's dataset map functions (``xtuner/dataset/map_fns``), so a user's
 alpaca, oasst1 or OpenAI ``messages`` file gives the same conversations here
 as there.
@@ -43,7 +44,12 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found", "check the dataset's 'path' in the config")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(path, None, None, f"not UTF-8 text (byte {err.start}, line {line}: {err.reason})",
+                        "save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -130,11 +136,15 @@ def validate_conversation(rec: Any, path, index: int) -> Record:
             "input": _need_str(turn, "input", path, index, f"{field}.input", fix),
             "output": _need_str(turn, "output", path, index, f"{field}.output", fix),
         }
-        if "output_with_loss" in turn:
-            flag = turn["output_with_loss"]
-            if not isinstance(flag, bool):
-                raise DataError(path, index, f"{field}.output_with_loss", f"is {flag!r}", "use true or false")
-            clean["output_with_loss"] = flag
+        for key in ("output_with_loss", "end_of_turn"):
+            if key in turn:
+                flag = turn[key]
+                if not isinstance(flag, bool):
+                    raise DataError(path, index, f"{field}.{key}", f"is {flag!r}", "use true or false")
+                clean[key] = flag
+        if clean.get("end_of_turn") is False and t != len(turns) - 1:
+            raise DataError(path, index, f"{field}.end_of_turn", "is false on a turn that another turn follows",
+                            "only a conversation's last answer may be cut off")
         out.append(clean)
     if not any(t.get("output_with_loss", True) for t in out):
         raise DataError(path, index, "conversation", "no turn is trained on (all output_with_loss are false)",
@@ -272,3 +282,51 @@ def self_cognition(*, name: str, owner: str, answers: dict[str, str], questions:
 
 
 GENERATORS: dict[str, Callable[..., list[Record]]] = {"self_cognition": self_cognition}
+
+
+# ---------------------------------------------------------------- replay (self-distillation)
+
+
+def replay_records(answers: Iterable[tuple[str, str, bool]], *, system: str = "",
+                   unfinished: str = "open") -> tuple[list[Record], dict[str, int]]:
+    """Records from a model's own (question, answer, stopped) triples, and how many of each kind.
+
+    An answer that ran into max_new_tokens is kept ``open`` (``end_of_turn:
+    false``: trained as the start of an answer, without an end-of-turn, so it
+    teaches neither a stop there nor a shorter answer) or dropped. An empty
+    answer is dropped.
+    """
+    if unfinished not in ("open", "drop"):
+        raise ValueError(f"unfinished must be open or drop, got {unfinished!r}")
+    records, counts = [], {"stopped": 0, "open": 0, "dropped": 0}
+    for question, answer, stopped in answers:
+        if not answer.strip() or not (stopped or unfinished == "open"):
+            counts["dropped"] += 1
+            continue
+        turn = {"system": system, "input": question, "output": answer}
+        if not stopped:
+            turn["end_of_turn"] = False
+        counts["stopped" if stopped else "open"] += 1
+        records.append({"conversation": [turn]})
+    return records, counts
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def mix(parts: list[tuple[str, list[Record], float]], seed: int = 0) -> tuple[list[Record], list[dict]]:
+    """Concatenate datasets, each ``repeat`` times, as XTuner's ConcatDataset does (training shuffles).
+
+    ``repeat`` 2 puts every record in twice; a fraction takes that share of
+    the records once more, chosen with ``seed`` (0.5: a seeded half). Returns
+    the records and, per dataset, how many it had and how many went in.
+    """
+    out, counts = [], []
+    for i, (name, records, repeat) in enumerate(parts):
+        whole = int(repeat)
+        extra = round((repeat - whole) * len(records))
+        chosen = sorted(random.Random(f"{seed}/{i}/{name}").sample(range(len(records)), extra))
+        taken = records * whole + [records[j] for j in chosen]
+        out += taken
+        counts.append({"name": name, "repeat": repeat, "records": len(records), "used": len(taken)})
+    return out, counts

@@ -6,6 +6,11 @@ the output with the template's suffix (supervised unless the turn says
 ``output_with_loss: false``), an EOS when the suffix is not itself the EOS
 (supervised), and the separator (not supervised). Segments are tokenized one
 by one, as XTuner does, so the token boundaries match it exactly.
+
+A last turn marked ``end_of_turn: false`` (snaketune's extension: an answer
+that was cut off, such as a replay answer that ran into its token limit)
+gets no suffix, EOS or separator: it teaches the text without teaching the
+model to stop there.
 """
 
 from __future__ import annotations
@@ -51,10 +56,15 @@ def _segments_from_template(conversation: list[dict], template: PromptTemplate) 
     for i, turn in enumerate(conversation):
         turns.append((
             template.format_input(turn.get("input", ""), turn.get("system") or None, round=i + 1),
-            template.format_output(turn.get("output", "")),
+            template.format_output(turn.get("output", "")) if ends(turn) else turn.get("output", ""),
             turn.get("output_with_loss", True),
         ))
     return turns
+
+
+def ends(turn: dict) -> bool:
+    """Whether a turn's output ends its turn (the template's suffix, EOS and separator follow)."""
+    return turn.get("end_of_turn", True)
 
 
 def _segments_from_chat_template(conversation: list[dict], tokenizer) -> list[tuple[str, str, bool]]:
@@ -72,7 +82,8 @@ def _segments_from_chat_template(conversation: list[dict], tokenizer) -> list[tu
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
             raise ValueError("the tokenizer's chat template does not render conversations incrementally; "
                              "choose one of the named templates instead")
-        turns.append((prompt[len(rendered):], full[len(prompt):], turn.get("output_with_loss", True)))
+        output = full[len(prompt):] if ends(turn) else turn.get("output", "")
+        turns.append((prompt[len(rendered):], output, turn.get("output_with_loss", True)))
         rendered = full
     return turns
 
@@ -96,7 +107,7 @@ def encode_conversation(conversation: list[dict], tokenizer, template: PromptTem
     input_ids: list[int] = []
     labels: list[int] = []
     needs_bos = True
-    for inp, out, with_loss in turns:
+    for turn, (inp, out, with_loss) in zip(conversation, turns):
         ids = enc(inp)
         if needs_bos and ids[: len(bos)] != bos:
             # XTuner always prepends BOS; a ChatML tokenizer whose BOS is
@@ -108,11 +119,11 @@ def encode_conversation(conversation: list[dict], tokenizer, template: PromptTem
         ids = enc(out)
         input_ids += ids
         labels += ids if with_loss else [IGNORE_INDEX] * len(ids)
-        if need_eos:
+        if need_eos and ends(turn):
             input_ids += eos
             labels += eos if with_loss else [IGNORE_INDEX] * len(eos)
         needs_bos = need_eos
-        if sep:
+        if sep and ends(turn):
             ids = enc(sep)
             input_ids += ids
             labels += [IGNORE_INDEX] * len(ids)

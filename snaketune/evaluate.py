@@ -1,4 +1,16 @@
-"""Base vs fine-tuned answers, side by side, with the cheap checks that catch broken exports."""
+"""What fine-tuning gained and what it cost: base vs fine-tuned answers, metrics, thresholds, export checks.
+
+Two sets of prompts, each answered greedily by the base and the fine-tuned model:
+
+- the identity prompts (``evaluation.prompts``), trained ones and held-out
+  rephrasings (a prompt is "trained" when it is a user input of the training
+  data); they are also answered by base + adapter, which the merged model must
+  match word for word (the export check);
+- the evaluation-only part of a general question set (``general_questions``):
+  leakage, retention, and the likelihood drift of the base model's own answers
+  (:mod:`snaketune.metrics`). These are answered by the base and the merged
+  model only: the adapter check needs no second pass over them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +18,9 @@ import logging
 import os
 from typing import Any
 
+from . import metrics
 from .config import EvaluationConfig
-from .generation import generate_answers
+from .generation import answer_nll, generate_answers
 
 log = logging.getLogger(__name__)
 
@@ -19,68 +32,80 @@ class CheckFailed(RuntimeError):
 def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
              evaluation: EvaluationConfig, *, template: str, system: str = "",
              trained_prompts: set[str] = frozenset(), trust_remote_code: bool = False,
-             out_jsonl: str | os.PathLike, out_md: str | os.PathLike) -> dict:
-    """Greedy answers of base, base + adapter and merged model to ``evaluation.prompts``."""
+             out_jsonl: str | os.PathLike, out_md: str | os.PathLike, out_summary: str | os.PathLike) -> dict:
+    """Answer, measure, write ``out_jsonl`` (one row per prompt), ``out_md`` and ``out_summary``
+    (the metrics), then fail if an export check or a configured threshold is not met."""
     from transformers import AutoModelForCausalLM
 
+    from . import evalsets
     from .data import write_records
-    from .files import write_text
+    from .files import write_json, write_text
     from .model import load_base, load_peft_model, load_tokenizer
 
-    prompts, identity_keywords = evaluation.prompts, evaluation.identity_keywords
-    max_new_tokens = evaluation.max_new_tokens
+    questions = evalsets.load(evaluation.general_questions, split="eval") if evaluation.general_questions else []
+    seen = {metrics.normalise(p) for p in trained_prompts}
+    leaked = [q.question for q in questions if metrics.normalise(q.question) in seen]
+    if leaked:  # checked before any model is loaded: a contaminated measure is no measure
+        raise CheckFailed(f"{len(leaked)} evaluation-only question(s) of {evaluation.general_questions} are in the "
+                          f"training data: {leaked[:5]}. Remove those records from the training data "
+                          "(evaluation-only questions must never be trained on)")
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    gen = dict(system=system, max_new_tokens=max_new_tokens)
+    ask = dict(system=system, batch_size=evaluation.batch_size)
+    identity = dict(ask, max_new_tokens=evaluation.max_new_tokens)
+    general = dict(ask, max_new_tokens=evaluation.general_max_new_tokens)
+    prompts, general_prompts = evaluation.prompts, [q.question for q in questions]
+
     peft_model = load_peft_model(load_base(base_dir, "float32", trust_remote_code), adapter_dir)
     with peft_model.disable_adapter():
-        base = generate_answers(peft_model, tokenizer, template, prompts, **gen)
-    adapted = generate_answers(peft_model, tokenizer, template, prompts, **gen)
+        base = generate_answers(peft_model, tokenizer, template, prompts, **identity)
+        base_general = generate_answers(peft_model, tokenizer, template, general_prompts, **general)
+        base_nll = answer_nll(peft_model, tokenizer, template, base_general, **ask)
+    adapted = generate_answers(peft_model, tokenizer, template, prompts, **identity)
     del peft_model
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32", device_map="cpu",
                                                         trust_remote_code=trust_remote_code)
-    merged = generate_answers(merged_model, tokenizer, template, prompts, **gen)
+    merged = generate_answers(merged_model, tokenizer, template, prompts, **identity)
+    merged_general = generate_answers(merged_model, tokenizer, template, general_prompts, **general)
+    merged_nll = answer_nll(merged_model, tokenizer, template, base_general, **ask)
+    del merged_model
 
-    def claims(text: str) -> bool | None:
-        return None if not identity_keywords else any(k.lower() in text.lower() for k in identity_keywords)
-
-    rows = []
-    for b, a, m in zip(base, adapted, merged):
-        rows.append({"prompt": b.prompt, "in_training_data": b.prompt in trained_prompts,
-                     "base": b.answer, "finetuned": m.answer, "base_plus_adapter": a.answer,
-                     "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens,
-                     "base_claims_identity": claims(b.answer), "finetuned_claims_identity": claims(m.answer)})
-    summary = _summary(rows, identity_keywords)
-    table = _markdown(rows, summary, identity_keywords)
-    write_records(rows, out_jsonl)
+    keywords = evaluation.identity_keywords
+    identity_rows = [{"set": "identity", "prompt": b.prompt, "in_training_data": metrics.normalise(b.prompt) in seen,
+                      "base": b.answer, "finetuned": m.answer, "base_plus_adapter": a.answer,
+                      "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens,
+                      "base_claims_identity": metrics.claims_identity(b.answer, keywords),
+                      "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords)}
+                     for b, a, m in zip(base, adapted, merged)]
+    general_rows = [{"set": "general", "prompt": q.question, "kind": q.kind, "lang": q.lang,
+                     "in_training_data": False, "accepted": list(q.answers), "base": b.answer, "finetuned": m.answer,
+                     "base_correct": metrics.is_correct(b.answer, q.answers),
+                     "finetuned_correct": metrics.is_correct(m.answer, q.answers),
+                     "base_claims_identity": metrics.claims_identity(b.answer, keywords),
+                     "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords),
+                     "answer_tokens": bn[1], "base_nll": bn[0], "finetuned_nll": mn[0],
+                     "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens}
+                    for q, b, m, bn, mn in zip(questions, base_general, merged_general, base_nll, merged_nll)]
+    summary: dict[str, Any] = metrics.summarize(identity_rows, general_rows)
+    summary["thresholds"] = metrics.check_thresholds(
+        metrics.headline(summary), {t.setting: getattr(evaluation, t.setting) for t in metrics.THRESHOLDS})
+    summary["general_questions"] = evaluation.general_questions
+    table = markdown(identity_rows, general_rows, summary, keywords)
+    write_records(identity_rows + general_rows, out_jsonl)
     write_text(out_md, table)
-    log.info("evaluation summary: %s", summary)
+    write_json(out_summary, summary)
+    log.info("evaluation: %s", {k: v for k, v in metrics.headline(summary).items()})
 
     problems = [f"merged model and base + adapter disagree on {r['prompt']!r}: {r['finetuned']!r} vs "
-                f"{r['base_plus_adapter']!r}" for r in rows if r["finetuned"] != r["base_plus_adapter"]]
+                f"{r['base_plus_adapter']!r}" for r in identity_rows if r["finetuned"] != r["base_plus_adapter"]]
     if evaluation.require_stop:
-        problems += [f"fine-tuned answer to {r['prompt']!r} never stopped: it ran to max_new_tokens={max_new_tokens} "
-                     "without the template's stop word (check the template and that the suffix was trained)"
-                     for r in rows if not r["finetuned_stopped"]]
+        problems += [f"fine-tuned answer to {r['prompt']!r} never stopped: it ran to "
+                     f"max_new_tokens={evaluation.max_new_tokens} without the template's stop word (check the "
+                     "template and that the suffix was trained)" for r in identity_rows if not r["finetuned_stopped"]]
+    problems += [t["message"] for t in summary["thresholds"] if not t["passed"]]
     if problems:
-        # Snakemake deletes the outputs of a failed job: keep the answers in the log.
-        log.error("the answers:\n%s", table)
+        # Snakemake deletes the outputs of a failed job: keep the answers and metrics in the log.
+        log.error("the evaluation:\n%s", table)
         raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems))
-    return summary
-
-
-def _rate(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if r[key] is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _summary(rows: list[dict], keywords: list[str]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"prompts": len(rows),
-                               "finetuned_stopped": sum(r["finetuned_stopped"] for r in rows)}
-    if keywords:
-        for name, subset in [("all", rows), ("trained", [r for r in rows if r["in_training_data"]]),
-                             ("unseen", [r for r in rows if not r["in_training_data"]])]:
-            summary[f"identity_rate_base_{name}"] = _rate(subset, "base_claims_identity")
-            summary[f"identity_rate_finetuned_{name}"] = _rate(subset, "finetuned_claims_identity")
     return summary
 
 
@@ -88,21 +113,62 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _markdown(rows: list[dict], summary: dict, keywords: list[str]) -> str:
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _num(value: float | None, sign: bool = False) -> str:
+    return "–" if value is None else f"{value:+.3f}" if sign else f"{value:.3f}"
+
+
+def _bound(summary: dict, metric: str, fmt) -> str:
+    found = [t for t in summary["thresholds"] if t["metric"] == metric]
+    if not found:
+        return ""
+    t = found[0]
+    return f"{'≥' if t['op'] == '>=' else '≤'} {fmt(t['threshold'])} {'✓' if t['passed'] else '✗ missed'}"
+
+
+METRIC_COLUMNS = ("metric", "base", "fine-tuned", "threshold")
+
+
+def metrics_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """The metrics as text rows (metric, base, fine-tuned, threshold), for evaluation.md and the report."""
+    s, ret, nll = summary, summary["retention"], summary["nll"]
+    rows = [(f"{label} (n={s[key]['n']})", _pct(s[key]["base"]), _pct(s[key]["finetuned"]), _bound(s, key, _pct))
+            for key, label in (("identity_trained", "identity, trained prompts"),
+                               ("identity_heldout", "identity, held-out rephrasings"),
+                               ("leakage", "leakage: general answers claiming the identity"))]
+    return rows + [
+        ("retention: the base model's correct general answers still correct", "",
+         f"{_pct(ret['finetuned'])} ({ret['kept']} of {ret['of']})", _bound(s, "retention", _pct)),
+        (f"accuracy on general questions with an answer key (n={ret['keyed']})", _pct(ret["base_accuracy"]),
+         _pct(ret["finetuned_accuracy"]), ""),
+        (f"NLL per token of the base model's general answers ({nll['tokens']} tokens)", _num(nll["base"]),
+         _num(nll["finetuned"]), ""),
+        ("likelihood drift (fine-tuned − base NLL)", "", _num(nll["drift"], sign=True),
+         _bound(s, "nll_drift", lambda v: f"{v:+.3f}")),
+    ]
+
+
+def markdown(identity_rows: list[dict], general_rows: list[dict], summary: dict, keywords: list[str]) -> str:
     lines = ["# Evaluation: base vs fine-tuned", ""]
     if keywords:
-        lines += ["Claims the new identity: the answer contains " + " or ".join(f"`{k}`" for k in keywords),
-                  "", "| prompts | base claims it | fine-tuned claims it |",
-                  "|---|---|---|"]
-        for name in ("trained", "unseen", "all"):
-            b, f = summary[f"identity_rate_base_{name}"], summary[f"identity_rate_finetuned_{name}"]
-            if b is not None:
-                lines.append(f"| {name} | {b:.0%} | {f:.0%} |")
-        lines.append("")
-    lines += ["| prompt | in data | base | fine-tuned |", "|---|---|---|---|"]
-    for r in rows:
+        lines += ["Claims the new identity: the answer contains " + " or ".join(f"`{k}`" for k in keywords), ""]
+    lines += ["| " + " | ".join(METRIC_COLUMNS) + " |", "|---|---|---|---|",
+              *("| " + " | ".join(row) + " |" for row in metrics_rows(summary)),
+              "", "## Identity prompts", "",
+              "| prompt | in data | base | fine-tuned |", "|---|---|---|---|"]
+    for r in identity_rows:
         lines.append(f"| {_cell(r['prompt'])} | {'yes' if r['in_training_data'] else 'no'} | "
                      f"{_cell(r['base'])} | {_cell(r['finetuned'])} |")
+    if general_rows:
+        mark = {True: "✓", False: "✗", None: ""}
+        lines += ["", f"## General questions (evaluation-only part of {summary['general_questions']})", "",
+                  "| question | accepted | base | ok | fine-tuned | ok |", "|---|---|---|---|---|---|"]
+        for r in general_rows:
+            lines.append(f"| {_cell(r['prompt'])} | {_cell(', '.join(r['accepted']))} | {_cell(r['base'])} | "
+                         f"{mark[r['base_correct']]} | {_cell(r['finetuned'])} | {mark[r['finetuned_correct']]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -86,7 +86,11 @@ def read_lora_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     """
     from .safe_pickle import load_checkpoint
 
+    from .checkpoints import COMPLETE, verify
+
     ckpt = Path(ckpt)
+    if (ckpt / COMPLETE).is_file():  # written by snaketune: its files must be as they were written
+        verify(ckpt)
     f = checkpoint_model_file(ckpt)
     if ckpt.is_dir():
         state = read_zero_fp32_state(ckpt)
@@ -103,8 +107,23 @@ def read_lora_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     return lora
 
 
+class NonFiniteWeights(ValueError):
+    """A model or adapter holding NaN or infinity: a diverged training, or a damaged file."""
+
+
+def check_finite(named_tensors, source: str) -> None:
+    """Refuse weights with NaN or infinity, naming the first bad tensors."""
+    import torch
+
+    bad = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {', '.join(bad[:3])}; "
+                               "the training diverged or the file is damaged: retrain with a lower lr")
+
+
 def check_adapter(state: dict[str, Any], source: str) -> None:
-    """Fail loudly on an adapter that cannot have learned anything."""
+    """Fail loudly on an adapter that cannot have learned anything, or that holds NaN or infinity."""
+    check_finite(state.items(), source)
     if not state:
         raise ValueError(f"{source}: no LoRA tensors found; was the checkpoint written by a LoRA training?")
     b = [t for k, t in state.items() if ".lora_B." in k]
@@ -191,11 +210,12 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str 
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     model = load_peft_model(load_base(base_dir, merge.dtype, trust_remote_code), adapter_dir).merge_and_unload()
+    check_finite(model.state_dict().items(), f"merging {adapter_dir} into {base_dir}")
     tmpl = resolve_template(template)
     if tmpl != TOKENIZER_TEMPLATE:
         uses_bos = encode_prompt("x", tokenizer, tmpl)[0] != tokenizer.encode(
             tmpl.format_input("x"), add_special_tokens=False)[0]
-        tokenizer.chat_template = ("{{ bos_token }}" if uses_bos else "") + tmpl.chat_template()
+        tokenizer.chat_template = tmpl.chat_template(bos=uses_bos)
     stops = stop_token_ids(tokenizer, tmpl)
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id

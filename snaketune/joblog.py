@@ -35,12 +35,16 @@ def setup(log_file: str | None) -> None:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says all a user needs: no traceback for these."""
+    from .checkpoints import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .evaluate import CheckFailed
+    from .export import NonFiniteWeights
     from .fetch import OfflineError
+    from .train import TrainingDiverged
 
-    return (ConfigError, DataError, CheckFailed, OfflineError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, CheckFailed, OfflineError, CheckpointError, TrainingDiverged, NonFiniteWeights,
+            FileNotFoundError, FileExistsError)
 
 
 @contextlib.contextmanager

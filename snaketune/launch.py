@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def torchrun_command(ranks: int, call: dict[str, Any], *, master_port: int | Non
 def relaunch(ranks: int, call: dict[str, Any]) -> NoReturn:
     """Become torchrun, running the train step once per rank (same arguments)."""
     cmd = torchrun_command(ranks, call)
+    # The ranks import this very package, installed or not (a conda env installs only its dependencies).
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     log.info("starting %d ranks: %s", ranks, " ".join(cmd))
     logging.shutdown()
     sys.stdout.flush()

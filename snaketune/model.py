@@ -24,9 +24,28 @@ def compute_dtype(device: str):
     return torch.float32
 
 
+def check_remote_code(model_dir: str | os.PathLike, trust_remote_code: bool) -> None:
+    """A model that exists only as its repository's own Python code needs the user's say-so, in our words."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    from .config import ConfigError
+
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    model_type = config.get("model_type")
+    if not trust_remote_code and model_type not in CONFIG_MAPPING and config.get("auto_map"):
+        raise ConfigError(
+            f"{path}: model_type {model_type!r} is defined only by Python files in the model's repository "
+            "(config.json's auto_map), and snaketune runs no such code unless told to: set "
+            "`trust_remote_code: true` on this model's entry under `models:` if you trust its authors")
+
+
 def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_remote_code(model_dir, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, padding_side="right")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -55,12 +74,9 @@ def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantiz
         raise ValueError(f"unknown quantization {quantization!r}: use nf4 or none")
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     config = PeftLoraConfig(task_type="CAUSAL_LM", bias="none", **lora_kwargs(lora))
     model = get_peft_model(model, config)
     if quantization == "nf4":
@@ -70,6 +86,47 @@ def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantiz
         if p.requires_grad:
             p.data = p.data.to(torch.float32)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations during backward instead of keeping them.
+
+    Non-reentrant checkpointing: the inputs need not require grad, and the random state is
+    replayed, so LoRA dropout draws the same masks again and the gradients are unchanged.
+    Works on a PEFT model too (after ``get_peft_model``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def activation_bytes(config, tokens: int, lora_dropout: float) -> int:
+    """What backward keeps of one micro-batch of ``tokens`` tokens without gradient checkpointing
+    (an upper estimate for a Llama-shaped decoder with LoRA on all linear layers).
+
+    Per token and layer, in fp32 (the residual stream is fp32 after prepare_model_for_kbit_training):
+    about 12 hidden-size and 2 intermediate-size vectors (norm inputs, attention, MLP), taken as
+    14 and 3; LoRA dropout adds the dropped input and its mask for each adapted layer (six
+    hidden-size inputs and one intermediate-size, taken as 1.5x). The output head keeps at most
+    3 vocabulary-size vectors per position (logits, log-softmax, its gradient). Checked against the
+    tensors autograd really saves in tests/test_speed_levers.py.
+    """
+    h, i = config.hidden_size, config.intermediate_size
+    per_layer = 14 * h + 3 * i + (1.5 * (6 * h + i) if lora_dropout > 0 else 0)
+    if getattr(config, "_attn_implementation", None) == "eager":  # attention probabilities: quadratic
+        per_layer += config.num_attention_heads * tokens
+    return int(4 * tokens * (config.num_hidden_layers * per_layer + 3 * config.vocab_size))
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for this rank now: the GPU's free memory, or the host's available memory shared
+    by the ranks on this host (psutil comes with DeepSpeed)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def keep_4bit_weights_trainable(model) -> None:
@@ -104,13 +161,14 @@ def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_co
 
 
 def load_peft_model(base, adapter_dir: str | os.PathLike):
-    """``PeftModel.from_pretrained``, also for an adapter written in several shards."""
+    """``PeftModel.from_pretrained``, also for an adapter written in several shards; refuses NaN/inf."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-    from .export import ADAPTER_INDEX, read_adapter_weights
+    from .export import ADAPTER_INDEX, check_finite, read_adapter_weights
 
     adapter_dir = Path(adapter_dir)
+    check_finite(read_adapter_weights(adapter_dir).items(), str(adapter_dir))
     if not (adapter_dir / ADAPTER_INDEX).exists():
         return PeftModel.from_pretrained(base, adapter_dir)
     model = get_peft_model(base, PeftLoraConfig.from_pretrained(adapter_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import subprocess
@@ -17,6 +18,14 @@ PACKAGES = ("snaketune", "torch", "transformers", "peft", "bitsandbytes", "deeps
 
 
 def sha256_file(path: str | Path) -> str:
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash, computed once per process for a file of this size and modification time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -24,17 +33,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def model_hash(model_dir: str | Path) -> str:
-    """config.json plus the weights index (the index file, or each weight file's name and size)."""
+    """What identifies a model: config.json and the content of every weight file (another import or
+    quantisation of the same architecture has the same config but other weights)."""
     model_dir = Path(model_dir).resolve()
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    indexes = sorted(model_dir.glob("*.index.json"))
-    if indexes:
-        for index in indexes:
-            h.update(index.read_bytes())
-    else:
-        for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    for f in sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.is_file()):
+        h.update(f"{f.name}:{sha256_file(f)}".encode())
     return h.hexdigest()
 
 
@@ -57,7 +65,8 @@ def git_commit(directory: str | Path) -> dict[str, Any]:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None}
+    # dirty: tracked files changed since the commit (results and logs are untracked, not a change)
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
 def write(path: str | Path, *, config: dict, data_file: str | Path, model_dir: str | Path, workflow_dir: str | Path,

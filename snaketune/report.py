@@ -53,12 +53,28 @@ def training_curves(metrics_jsonl: str | os.PathLike, out_svg: str | os.PathLike
     plt.close(fig)
 
 
-def evaluation_page(evaluation_jsonl: str | os.PathLike, out_html: str | os.PathLike, *, title: str = "") -> None:
-    """The evaluation answers side by side: base, fine-tuned, and whether each claims the identity."""
+def evaluation_page(evaluation_jsonl: str | os.PathLike, summary_json: str | os.PathLike,
+                    out_html: str | os.PathLike, *, title: str = "") -> None:
+    """The metrics (identity, leakage, retention, drift; thresholds), then the answers side by side:
+    identity prompts, then general questions with whether each answer is correct."""
+    from .evaluate import METRIC_COLUMNS, metrics_rows
+
+    summary = json.loads(Path(summary_json).read_text())
+    body = pd.DataFrame(metrics_rows(summary), columns=list(METRIC_COLUMNS)).to_html(index=False)
     df = pd.read_json(evaluation_jsonl, lines=True)
-    columns = [c for c in ("prompt", "in_training_data", "base", "finetuned", "base_claims_identity",
-                           "finetuned_claims_identity", "finetuned_stopped") if c in df.columns]
-    _page(title or "evaluation", df[columns].to_html(index=False, na_rep=""), out_html)
+    sections = (("identity", "Identity prompts", ("prompt", "in_training_data", "base", "finetuned",
+                                                  "base_claims_identity", "finetuned_claims_identity",
+                                                  "finetuned_stopped")),
+                ("general", "General questions (evaluation-only)", ("prompt", "accepted", "base", "base_correct",
+                                                                    "finetuned", "finetuned_correct",
+                                                                    "finetuned_claims_identity", "base_nll",
+                                                                    "finetuned_nll", "answer_tokens")))
+    for name, heading, wanted in sections:
+        part = df[df["set"] == name]
+        if len(part):
+            columns = [c for c in wanted if c in part.columns]
+            body += f"<h3>{heading}</h3>" + part[columns].to_html(index=False, na_rep="")
+    _page(title or "evaluation", body, out_html)
 
 
 def provenance_page(provenance_json: str | os.PathLike, out_html: str | os.PathLike, *, title: str = "") -> None:

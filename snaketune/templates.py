@@ -33,26 +33,38 @@ class PromptTemplate:
     def format_output(self, text: str) -> str:
         return (text or "") + self.suffix
 
-    def chat_template(self) -> str:
-        """A Jinja ``chat_template`` that renders conversations as this template does.
+    def chat_template(self, bos: bool = False) -> str:
+        """A Jinja ``chat_template`` that renders conversations as the encoder encodes them.
 
         Saved with the merged model so that ``tokenizer.apply_chat_template``
-        reproduces the training format byte for byte.
+        gives the training token ids for a multi-turn conversation. Where the
+        suffix is not the EOS (``default``, ``zephyr``) the encoder appends the
+        tokenizer's EOS to every answer and starts the next turn with BOS; the
+        template writes them as ``eos_token`` and ``bos_token``. ``bos``: the
+        encoder starts a conversation with BOS for this tokenizer (``merge``
+        asks the encoder; a ChatML tokenizer whose BOS is ``<|im_start|>``
+        gets none).
         """
 
         def lit(s: str) -> str:
-            return "{{ " + repr(s) + " }}"
+            return "{{ " + repr(s) + " }}" if s else ""
 
         sys_pre, sys_post = self.system.split("{system}")
         ins_pre, ins_post = self.instruction.split("{input}")
+        eos = "" if self.suffix_as_eos else "{{ eos_token }}"
+        # A turn after an answer starts at its system or user message; the encoder puts BOS there
+        # when the answer ended with the EOS it appended.
+        new_turn = ("{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}"
+                    "{{ bos_token }}{% endif %}") if bos and not self.suffix_as_eos else ""
         return (
-            "{% for message in messages %}"
+            ("{{ bos_token }}" if bos else "")
+            + "{% for message in messages %}"
             "{% if message['role'] == 'system' %}"
-            + lit(sys_pre) + "{{ message['content'] }}" + lit(sys_post)
+            + new_turn + lit(sys_pre) + "{{ message['content'] }}" + lit(sys_post)
             + "{% elif message['role'] == 'user' %}"
-            + lit(ins_pre) + "{{ message['content'] }}" + lit(ins_post)
+            + new_turn + lit(ins_pre) + "{{ message['content'] }}" + lit(ins_post)
             + "{% elif message['role'] == 'assistant' %}"
-            "{{ message['content'] }}" + lit(self.suffix + self.sep)
+            "{{ message['content'] }}" + lit(self.suffix) + eos + lit(self.sep)
             + "{% endif %}{% endfor %}"
         )
 
@@ -104,6 +116,14 @@ TEMPLATES: dict[str, PromptTemplate] = {
         ),
     ]
 }
+
+
+SYSTEM_TEMPLATES: dict[str, str] = {
+    "alpaca": ("Below is an instruction that describes a task. "
+               "Write a response that appropriately completes the request.\n"),
+}
+"""XTuner's ``SYSTEM_TEMPLATE`` entries (``--system-template NAME`` of ``xtuner chat``); only alpaca so far."""
+
 
 def get_template(name: str) -> PromptTemplate:
     try:

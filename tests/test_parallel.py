@@ -15,7 +15,7 @@ from snaketune.export import pth_to_hf, read_lora_state
 from snaketune.launch import torchrun_command
 from snaketune.safe_pickle import load_checkpoint
 
-from .conftest import TINY_BASE, read_jsonl
+from .conftest import TINY_BASE, read_jsonl, unequal_data
 from .test_train import train_cmd
 
 # No dropout: ranks draw different random numbers, so dropout would make them differ for that reason alone.
@@ -24,9 +24,10 @@ EXACT = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_epochs=2, save_step
              warmup_ratio=0.25)
 
 
-def run(tmp_path, name, ranks=1, **over):
+def run(tmp_path, name, ranks=1, data=None, **over):
     work, out = tmp_path / name, tmp_path / f"{name}.json"
-    cmd = train_cmd(work, out, **{**EXACT, **over}) + ["--ranks", str(ranks), "--threads", "2"]
+    data = data or unequal_data(tmp_path / "unequal.json")
+    cmd = train_cmd(work, out, data=data, **{**EXACT, **over}) + ["--ranks", str(ranks), "--threads", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     return work, json.loads(out.read_text())
@@ -79,14 +80,47 @@ def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
 
 
 def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
-    """batch 4 x acc 1 and batch 1 x acc 4 on samples of unequal length: same loss and gradient
-    norm at every step (rtol 1e-5). A mean of per-micro-batch means would differ."""
-    wa, _ = run(tmp_path, "b4", batch_size=4, accumulative_counts=1, max_epochs=1, max_norm=1e9)
-    wb, _ = run(tmp_path, "b1", batch_size=1, accumulative_counts=4, max_epochs=1, max_norm=1e9)
+    """batch 4 x acc 1 and batch 1 x acc 4 on answers of unequal length: same loss and gradient norm at
+    every step (rtol 1e-5); and the first step's loss is the sum of token losses over its four samples
+    divided by their supervised tokens, computed here by hand, which a mean of per-sample means misses."""
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.config import TrainConfig
+    from snaketune.data import read_records
+    from snaketune.model import load_tokenizer
+    from snaketune.train import encode_dataset, epoch_batches
+
+    from .test_train import TINY
+
+    data = unequal_data(tmp_path / "unequal.json")
+    # unquantised, so that the first step (LoRA B = 0: the base model alone) can be recomputed exactly
+    over = dict(max_epochs=1, max_norm=1e9, quantization="none")
+    wa, _ = run(tmp_path, "b4", data=data, batch_size=4, accumulative_counts=1, **over)
+    wb, _ = run(tmp_path, "b1", data=data, batch_size=1, accumulative_counts=4, **over)
     ma, mb = read_jsonl(wa / "metrics.jsonl"), read_jsonl(wb / "metrics.jsonl")
     assert len(ma) == len(mb) == 4
     assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)
     assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-5)
+
+    cfg = TrainConfig(**{**TINY, **EXACT, "lora": {}, "batch_size": 1, "accumulative_counts": 4})
+    samples, _ = encode_dataset(read_records(data), load_tokenizer(TINY_BASE), cfg)
+    first_step = [samples[b[0]] for b in epoch_batches(len(samples), 0, cfg, 0, 1)[:4]]
+    model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for smp in first_step:
+            logits = model(torch.tensor([smp.input_ids])).logits[0, :-1]
+            labels = torch.tensor(smp.labels[1:])
+            keep = labels != -100
+            sums.append(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item())
+            counts.append(int(keep.sum()))
+    assert len(set(counts)) > 1  # unequal supervised lengths
+    expected = sum(sums) / sum(counts)
+    mean_of_means = sum(s / c for s, c in zip(sums, counts)) / len(sums)
+    assert mb[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # a random model's token losses are all near ln(vocab), so the two differ by little, yet 20 times
+    # the tolerance above: a trainer averaging per-sample means would fail the assertion before
+    assert abs(mean_of_means - expected) > 20 * 1e-5 * expected
 
 
 def test_two_clean_runs_give_identical_adapters(tmp_path):

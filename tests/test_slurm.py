@@ -1,5 +1,6 @@
 """The workflow on a real SLURM cluster (one node on loopback) through profiles/slurm."""
 
+import copy
 import json
 import os
 import re
@@ -11,19 +12,26 @@ import yaml
 
 from snaketune.checkpoints import COMPLETE
 
-from .conftest import copy_workflow
+from .conftest import ROOT, copy_workflow
 from .slurm_cluster import Cluster, available
 from .test_workflow import SNAKEMAKE, TINY_CONFIG
 
-# What a CPU-only test node needs on top of the profile: no GPU gres, no accounting
-# database (squeue for status), no account, a partition, memory that fits the node.
-CPU_OVERRIDES = [
-    "--slurm-no-account", "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
-    "--default-resources", "slurm_partition=debug", "runtime=30", "mem_mb=3000", "cpus_per_task=1",
-    "--set-resources", "train:gpu=0", "train:cpus_per_task=2", "train:mem_mb=4000",
-    "--latency-wait", "5", "--jobs", "2",
-]
+SHIPPED = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+
+
+def cpu_node_profile(wd, **train):
+    """profiles/slurm as shipped, changing only what the 2-core test node lacks: a real partition name,
+    an account (none), an accounting database (status through squeue), and sizes it can hold (8 CPUs
+    per GPU, 64 / 32 GB). The GPU request, one task per job, the walltime and its retry stay."""
+    profile = copy.deepcopy(SHIPPED)
+    profile["default-resources"].update(slurm_partition="debug", mem_mb=3000, cpus_per_task=1)
+    profile["set-resources"]["train"].update(cpus_per_gpu=2, mem_mb=4000, **train)
+    for rule in ("merge", "evaluate"):
+        profile["set-resources"][rule]["mem_mb"] = 4000
+    profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "latency-wait": 5, "jobs": 2,
+                    "slurm-init-seconds-before-status-checks": 1, "seconds-between-status-checks": 2})
+    (wd / "profiles/slurm/config.yaml").write_text(yaml.safe_dump(profile))
+    return profile
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +46,17 @@ def cluster():
     c.stop()
 
 
-def workflow(tmp_path):
+def workflow(tmp_path, **train):
     wd = copy_workflow(tmp_path / "wf")
-    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    config = copy.deepcopy(TINY_CONFIG)
+    config["experiments"]["tiny"]["train"].update(train)
+    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    cpu_node_profile(wd)
     return wd
 
 
 def slurm_snakemake(wd, *extra, check=True):
-    cmd = [*SNAKEMAKE, "--workflow-profile", "profiles/slurm", *CPU_OVERRIDES, *extra, "--", "final_model"]
+    cmd = [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra]
     res = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=900)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake on SLURM failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
@@ -61,6 +72,12 @@ def submitted(output: str) -> dict[str, str]:
     return jobs
 
 
+def scontrol(jobid: str) -> dict[str, str]:
+    """A job's record (kept MinJobAge=600 s after it ended), as KEY=VALUE pairs."""
+    text = subprocess.run(["scontrol", "show", "job", jobid], capture_output=True, text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
 def test_workflow_runs_through_sbatch(cluster, tmp_path):
     wd = workflow(tmp_path)
     res = slurm_snakemake(wd)
@@ -71,6 +88,11 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
     for rule, jobid in jobs.items():
         logs = list((wd / ".snakemake/slurm_logs").glob(f"rule_{rule}/**/{jobid}.log"))
         assert logs, f"no SLURM log for {rule} job {jobid}"
+    # the profile's requests, as SLURM recorded them
+    train, merge = scontrol(jobs["train"]), scontrol(jobs["merge"])
+    assert "gres/gpu=1" in train["TRES"] and train["TimeLimit"] == "12:00:00" and train["NumTasks"] == "1"
+    assert train["CpusPerTres"] == "gres/gpu:2" and train["MinMemoryNode"] == "4000M"
+    assert merge["MinMemoryNode"] == "4000M" and merge["TimeLimit"] == "00:30:00"
     assert (wd / "results/tiny/merged/config.json").exists()
     assert (wd / "results/tiny/evaluation.md").exists()
     assert "Nothing to be done" in (slurm_snakemake(wd).stdout + slurm_snakemake(wd).stderr)
@@ -78,9 +100,8 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
 
 def test_scancelled_training_resumes_when_resubmitted(cluster, tmp_path):
     wd = workflow(tmp_path)
-    proc = subprocess.Popen(
-        [*SNAKEMAKE, "--workflow-profile", "profiles/slurm", *CPU_OVERRIDES, "--retries", "0", "--", "final_model"],
-        cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", "--retries", "0"],
+                            cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
@@ -96,3 +117,26 @@ def test_scancelled_training_resumes_when_resubmitted(cluster, tmp_path):
     log = (wd / "logs/train/tiny.log").read_text()
     assert "resuming from work_dirs/tiny/iter_" in log
     assert json.loads((wd / "results/tiny/training.json").read_text())["resumed_from"] in (4, 8)
+
+
+def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, tmp_path):
+    """The profile's `retries: 2` and `runtime: 720 * attempt`: a train job killed by its walltime
+    (here: its limit cut to one minute while it runs) is resubmitted with twice the time and resumes."""
+    wd = workflow(tmp_path, max_epochs=200, evaluation_freq=10000)  # long enough to outlive a minute
+    proc = subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm"],
+                            cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
+        assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
+        time.sleep(0.2)
+    (first,) = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    subprocess.run(["scontrol", "update", f"JobId={first}", "TimeLimit=1"], check=True)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert scontrol(first)["JobState"] == "TIMEOUT"
+    train_jobs = [m.group(1) for m in re.finditer(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: [^)]*rule_train", out)]
+    assert len(train_jobs) == 2 and train_jobs[0] == first, out[-4000:]
+    assert scontrol(train_jobs[1])["TimeLimit"] == "1-00:00:00"  # 720 * attempt 2 minutes
+    summary = json.loads((wd / "results/tiny/training.json").read_text())
+    assert summary["resumed_from"] and summary["resumed_from"] > 0
+    assert "resuming from work_dirs/tiny/iter_" in (wd / "logs/train/tiny.log").read_text()

@@ -66,11 +66,11 @@ def test_packing_keeps_samples_whole_and_restarts_positions():
     assert pack(samples, 12, seed=0) == rows and pack(samples, 12, seed=1) != rows
 
 
-def train_cmd(work, out, **over):
+def train_cmd(work, out, data=XTUNER / "data.json", **over):
     """``snaketune train`` on the tiny experiment, as a user runs it by hand; every file in tmp."""
     config = tiny_config(work.parent / f"{work.name}.yaml", train={**TINY, **over})
     return [sys.executable, "-m", "snaketune.cli", "train", "--config", config, "tiny", "--model", str(TINY_BASE),
-            "--data", str(XTUNER / "data.json"), "--work-dir", str(work), "--summary", str(out),
+            "--data", str(data), "--work-dir", str(work), "--summary", str(out),
             "--metrics", str(out.with_suffix(".metrics.jsonl")), "--provenance", str(out.with_suffix(".prov.json")),
             "--threads", "1"]
 
@@ -108,9 +108,17 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
     assert [n for n, _ in complete_checkpoints(work)] == [16, 20, 24]
 
 
+def forget_the_end(work):
+    """The state a kill leaves between the final checkpoint and the end of the run: the run never ended."""
+    runs = read_jsonl(work / "runs.jsonl")
+    del runs[-1]["end"]
+    (work / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+
+
 def test_torn_checkpoint_is_ignored(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
     subprocess.run(train_cmd(work, out, max_epochs=1), check=True, capture_output=True)
+    forget_the_end(work)
     # A checkpoint directory whose writing never finished (no completion marker)
     torn = work / "iter_999.pth"
     torn.mkdir()
@@ -227,3 +235,9 @@ def test_kill_while_a_checkpoint_is_being_written_skips_it(tmp_path):
     assert f"ignoring {bad}: it was not completely written" in text
     resumed = json.loads(out.read_text())["resumed_from"]
     assert resumed == (before[-1] if before else None)
+    # and ends bit-identical to a run that was never interrupted
+    ref_out = tmp_path / "ref.json"
+    subprocess.run(train_cmd(tmp_path / "ref", ref_out, save_steps=2), check=True, capture_output=True)
+    a = read_lora_state(json.loads(ref_out.read_text())["checkpoint"])
+    b = read_lora_state(json.loads(out.read_text())["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from snaketune import evalsets
+
 from .conftest import ROOT, TINY_BASE, copy_workflow, read_jsonl
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -59,8 +61,12 @@ def edit_config(wd: Path, change) -> None:
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory) -> Path:
+    """A user's clone: the workflow with the tiny config, committed to git."""
     wd = copy_workflow(tmp_path_factory.mktemp("wf"))
     (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    git = ["git", "-C", str(wd), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tiny"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
     return wd
 
 
@@ -94,10 +100,19 @@ def test_final_model_builds_every_file(finished):
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
     assert "chat_template" in (merged / "tokenizer_config.json").read_text() or (merged / "chat_template.jinja").exists()
     rows = read_jsonl(wd / "results/tiny/evaluation.jsonl")
-    assert [r["prompt"] for r in rows] == ["你是谁", "Who are you?", "你是哪位？"]
-    assert [r["in_training_data"] for r in rows] == [True, True, False]
-    assert all(r["finetuned"] == r["base_plus_adapter"] for r in rows)
-    assert "| prompt | in data | base | fine-tuned |" in (wd / "results/tiny/evaluation.md").read_text()
+    identity = [r for r in rows if r["set"] == "identity"]
+    assert [r["prompt"] for r in identity] == ["你是谁", "Who are you?", "你是哪位？"]
+    assert [r["in_training_data"] for r in identity] == [True, True, False]
+    assert all(r["finetuned"] == r["base_plus_adapter"] for r in identity)
+    # the general questions: the evaluation-only part of the shipped set, asked by default
+    general = [r for r in rows if r["set"] == "general"]
+    assert [r["prompt"] for r in general] == [q.question for q in evalsets.load("general", split="eval")]
+    assert all(r["answer_tokens"] > 0 and r["base_nll"] > 0 for r in general)
+    summary = json.loads((wd / "results/tiny/evaluation.json").read_text())
+    assert {"identity_trained", "identity_heldout", "leakage", "retention", "nll", "thresholds"} <= set(summary)
+    assert summary["identity_heldout"]["n"] == 1 and summary["leakage"]["n"] == len(general)
+    md = (wd / "results/tiny/evaluation.md").read_text()
+    assert "| prompt | in data | base | fine-tuned |" in md and "| likelihood drift (fine-tuned − base NLL) |" in md
     for rule in ("generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate", "report_experiment"):
         assert list((wd / "logs" / rule).glob("*.log")), f"no log for {rule}"
     for bench in ("generate_data/sc", "fetch_model/tiny_llama", "train/tiny", "pth_to_hf/tiny", "merge/tiny",
@@ -189,6 +204,8 @@ def test_report_shows_curves_answers_provenance_and_benchmarks(finished, tmp_pat
     answers = files["evaluation.html"]
     for row in read_jsonl(finished / "results/tiny/evaluation.jsonl"):
         assert html_escape(row["prompt"]) in answers and html_escape(row["finetuned"]) in answers
+    for metric in ("identity, held-out rephrasings", "leakage", "retention", "likelihood drift"):
+        assert metric in answers, metric
     prov = json.loads((finished / "results/tiny/provenance.json").read_text())
     assert prov["data"]["sha256"] in files["provenance.html"] and prov["model"]["sha256"] in files["provenance.html"]
     bench = files["benchmarks.html"]
@@ -216,6 +233,19 @@ esac
 """
 
 
+def conda_on_path(tmp_path: Path) -> dict[str, str]:
+    """The environment for a Snakemake command that asks conda about itself: the real conda where one is
+    installed, else the stand-in above."""
+    env = dict(os.environ)
+    if not shutil.which("conda"):
+        bindir = tmp_path / "bin"
+        bindir.mkdir(exist_ok=True)
+        (bindir / "conda").write_text(CONDA_STAND_IN)
+        (bindir / "conda").chmod(0o755)
+        env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    return env
+
+
 def test_containerize_names_every_env(tmp_path):
     """`snakemake --containerize` writes a Dockerfile that parses and creates every rule's env.
 
@@ -223,13 +253,7 @@ def test_containerize_names_every_env(tmp_path):
     the platform and version queries Snakemake makes before writing it (nothing is created)."""
     from dockerfile_parse import DockerfileParser
 
-    env = dict(os.environ)
-    if not shutil.which("conda"):
-        bindir = tmp_path / "bin"
-        bindir.mkdir()
-        (bindir / "conda").write_text(CONDA_STAND_IN)
-        (bindir / "conda").chmod(0o755)
-        env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    env = conda_on_path(tmp_path)
     wd = copy_workflow(tmp_path / "wf")
     res = subprocess.run([*SNAKEMAKE, "--containerize"], cwd=wd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -316,7 +340,8 @@ def test_provenance_records_what_the_model_was_made_from(finished):
     assert prov["packages"]["torch"] and prov["packages"]["deepspeed"] and prov["packages"]["snaketune"]
     assert prov["runs"][0]["start"] and prov["runs"][0]["end"] and prov["resumed_from"] == []
     assert len(prov["model"]["sha256"]) == 64
-    assert "commit" in prov["workflow"]
+    head = subprocess.run(["git", "-C", str(finished), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert prov["workflow"] == {"commit": head.stdout.strip(), "dirty": False}  # the clone's own commit
 
 
 def _readme_block_after(heading: str) -> str:

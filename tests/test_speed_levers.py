@@ -1,0 +1,311 @@
+"""The training speed levers change how fast a step runs, never what it computes.
+
+Each lever is checked against the plain computation it replaces: the output head at supervised
+positions only (same loss and LoRA gradients as the full head), batches grouped by length (every
+sample once per epoch, the same samples per optimizer step however the global batch is split,
+exact resume, less padding), gradient checkpointing decided by memory (same loss and gradients
+as checkpointing on, and an activation estimate that covers what autograd really keeps), and the
+fused optimizer inside ZeRO-2 (the same update as plain AdamW).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snaketune.checkpoints import COMPLETE, complete_checkpoints
+from snaketune.config import LoraConfig, TrainConfig
+from snaketune.export import read_lora_state
+
+from .conftest import TINY_BASE, read_jsonl, unequal_data
+from .test_train import train_cmd
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    """Two conversations of unequal length, right-padded: some positions supervised, some prompt, some pad."""
+    from snaketune.train import as_rows, collate, encode_dataset
+
+    samples, _ = encode_dataset([{"conversation": [{"input": "Who are you?", "output": "A small test model."}]},
+                                 {"conversation": [{"input": "Question 7, a longer one?", "output": "the quick brown "
+                                                    "fox jumps over a lazy dog while seven small birds sing"}]}],
+                                tokenizer, TrainConfig(template="internlm2_chat", max_length=64))
+    assert len({len(s.input_ids) for s in samples}) == 2
+    return collate(as_rows(samples), tokenizer.pad_token_id)
+
+
+def lora_model(dropout=0.0, gradient_checkpointing=False):
+    """The tiny model in NF4 with LoRA whose B is random (at B = 0, A's gradient would be zero)."""
+    from snaketune.model import load_for_training
+
+    torch.manual_seed(0)
+    model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=dropout), device="cpu",
+                              gradient_checkpointing=gradient_checkpointing)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def full_head_loss(model, ids, labels, pos):
+    """The plain computation: logits at every position, cross-entropy ignoring unsupervised ones."""
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def loss_and_grads(model, loss_fn, batch, seed=1):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks for both computations
+    loss = loss_fn(model, *batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-7):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys() and any(g.abs().sum() > 0 for g in grads_a.values())
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
+
+
+# ---------------------------------------------------------------- output head at supervised positions
+
+
+def test_head_at_supervised_positions_only_gives_the_full_heads_loss_and_gradients(batch):
+    from snaketune.train import token_loss_sum
+
+    model = lora_model()
+    rows = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape))
+    fast = loss_and_grads(model, token_loss_sum, batch)
+    plain = loss_and_grads(model, full_head_loss, batch)
+    hook.remove()
+    assert_same(fast, plain)
+    _, labels, _ = batch
+    supervised = int((labels[:, 1:] != -100).any(0).sum())  # positions supervised in some row
+    # the head ran at those positions alone, the full head at all of them
+    assert rows[0] == (2, supervised, 64) and rows[1] == (*labels.shape, 64)
+    assert supervised < 0.7 * labels.shape[1]
+
+
+def test_a_model_without_logits_to_keep_gets_the_full_head(batch):
+    from snaketune.train import accepts_logits_to_keep, token_loss_sum
+
+    class Plain(torch.nn.Module):  # a forward without logits_to_keep (older or hub code)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+
+    model = lora_model()
+    wrapped = Plain(model.get_base_model())
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(token_loss_sum(wrapped, *batch), full_head_loss(model, *batch), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- gradient checkpointing decided by memory
+
+
+def test_without_checkpointing_loss_and_gradients_equal_checkpointing_on(batch):
+    """With LoRA dropout on: checkpointing replays the random state, so the masks (and gradients) match."""
+    from snaketune.train import token_loss_sum
+
+    on = lora_model(dropout=0.1, gradient_checkpointing=True)
+    off = lora_model(dropout=0.1, gradient_checkpointing=False)
+    assert on.get_base_model().is_gradient_checkpointing and not off.get_base_model().is_gradient_checkpointing
+    assert_same(loss_and_grads(off, token_loss_sum, batch), loss_and_grads(on, token_loss_sum, batch))
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """What autograd keeps for backward in one forward, parameters (and 4-bit weights) left out."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            nested = [state.state2.absmax, state.state2.code] if state.nested else []
+            weights |= {t.untyped_storage().data_ptr() for t in [state.absmax, state.code, *nested]}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        full_head_loss(model, *batch)
+    return sum(seen.values())
+
+
+def test_activation_estimate_covers_what_autograd_keeps(batch):
+    from snaketune.model import activation_bytes
+
+    tokens = batch[0].numel()
+    measured = {p: saved_activation_bytes(lora_model(dropout=p), batch) for p in (0.0, 0.1)}
+    estimate = {p: activation_bytes(lora_model().config, tokens, p) for p in (0.0, 0.1)}
+    for p in (0.0, 0.1):
+        # above what is kept, and not far above: the estimate adds the head's two transient gradients
+        # (logits-sized) of the start of backward, which dominate for this tiny model with a real vocabulary
+        assert measured[p] <= estimate[p] <= 4 * measured[p]
+    # LoRA dropout keeps each adapted layer's dropped input and mask: the estimate grows by as much
+    assert measured[0.1] - measured[0.0] <= estimate[0.1] - estimate[0.0] <= 2 * (measured[0.1] - measured[0.0])
+
+
+def test_auto_checkpointing_turns_on_only_when_memory_is_short(monkeypatch, batch):
+    from snaketune import model as model_module
+    from snaketune.train import Plan, Row, checkpoint_if_short_of_memory
+
+    cfg = TrainConfig(template="internlm2_chat", batch_size=2, lora=LoraConfig(r=8, alpha=16, dropout=0.1))
+    plan = Plan([Row([1] * 40, [1] * 40, list(range(40)))], {}, 1, 1, [1])
+    need = model_module.activation_bytes(lora_model().config, 2 * 40, 0.1)
+    for free, expected in ((100 * need, False), (need, True)):
+        monkeypatch.setattr(model_module, "available_memory", lambda device, free=free: free)
+        model = lora_model(dropout=0.1)
+        assert checkpoint_if_short_of_memory(model, cfg, plan, "cpu") is expected
+        assert model.get_base_model().is_gradient_checkpointing is expected
+
+
+# ---------------------------------------------------------------- batches grouped by length
+
+
+def steps_of(lengths, epoch, *, batch_size, acc, world, seed=0):
+    """The samples of each optimizer step, from each rank's micro-batches, as the trainer draws them."""
+    from snaketune.train import epoch_batches, iters_per_epoch
+
+    cfg = TrainConfig(template="default", batch_size=batch_size, accumulative_counts=acc, seed=seed,
+                      group_by_length=True)
+    per_rank = [epoch_batches(len(lengths), epoch, cfg, r, world, lengths) for r in range(world)]
+    assert all(len(b) == iters_per_epoch(len(lengths), cfg, world) for b in per_rank)
+    micro = [[i for b in per_rank for i in b[k]] for k in range(len(per_rank[0]))]  # one iteration, all ranks
+    return [sorted(i for m in micro[k:k + acc] for i in m) for k in range(0, len(micro), acc)], per_rank
+
+
+def padding(batches, lengths):
+    return 1 - sum(lengths[i] for b in batches for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_groups_keep_each_step_the_same_however_the_global_batch_is_split():
+    lengths = [(7 * i) % 23 + 5 for i in range(96)]
+    for epoch in (0, 1):
+        splits = [dict(batch_size=4, acc=2, world=1), dict(batch_size=4, acc=1, world=2),
+                  dict(batch_size=2, acc=2, world=2), dict(batch_size=1, acc=8, world=1),
+                  dict(batch_size=8, acc=1, world=1)]
+        steps = [steps_of(lengths, epoch, **s)[0] for s in splits]
+        assert all(s == steps[0] for s in steps[1:])
+        assert sorted(i for s in steps[0] for i in s) == list(range(96))  # every sample once per epoch
+    assert steps_of(lengths, 0, batch_size=4, acc=2, world=1)[0] != steps_of(lengths, 1, batch_size=4, acc=2,
+                                                                            world=1)[0]
+
+
+def test_length_groups_are_seeded_and_cut_the_padding():
+    from snaketune.train import epoch_batches
+
+    lengths = [(7 * i) % 23 + 5 for i in range(96)]
+    on = TrainConfig(template="default", batch_size=4, accumulative_counts=1, group_by_length=True)
+    off = TrainConfig(template="default", batch_size=4, accumulative_counts=1)
+    grouped = epoch_batches(96, 0, on, 0, 1, lengths)
+    assert grouped == epoch_batches(96, 0, on, 0, 1, lengths)  # seeded: a resumed run draws the same
+    assert grouped != epoch_batches(96, 0, TrainConfig(template="default", batch_size=4, accumulative_counts=1,
+                                                       group_by_length=True, seed=1), 0, 1, lengths)
+    plain = epoch_batches(96, 0, off, 0, 1, lengths)
+    assert plain == epoch_batches(96, 0, off, 0, 1)  # off: the sampler as before, lengths or not
+    assert sorted(i for b in grouped for i in b) == list(range(96))
+    assert padding(grouped, lengths) < 0.03 and padding(plain, lengths) > 0.2
+    # the global batches are shuffled: not longest first, not sorted through the epoch
+    longest = [max(lengths[i] for i in b) for b in grouped]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
+
+
+def test_grouped_training_on_two_ranks_equals_one_rank_with_double_accumulation(tmp_path):
+    """test_parallel's guarantee with group_by_length on: the same samples per optimizer step."""
+    from .test_parallel import run
+
+    w2, s2 = run(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1, group_by_length=True)
+    w1, s1 = run(tmp_path, "one", ranks=1, batch_size=2, accumulative_counts=2, group_by_length=True)
+    m2, m1 = read_jsonl(w2 / "metrics.jsonl"), read_jsonl(w1 / "metrics.jsonl")
+    assert [r["supervised_tokens"] for r in m2] == [r["supervised_tokens"] for r in m1]
+    assert [r["loss"] for r in m2] == pytest.approx([r["loss"] for r in m1], rel=1e-5)
+    a, b = read_lora_state(s2["checkpoint"]), read_lora_state(s1["checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    # and grouping did its job: less padding than the same run without it
+    run(tmp_path, "plain", ranks=1, batch_size=2, accumulative_counts=2)
+    mp = read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    assert sum(r["tokens"] for r in m1) < sum(r["tokens"] for r in mp)
+    assert sum(r["real_tokens"] for r in m1) == sum(r["real_tokens"] for r in mp)
+
+
+def test_killed_grouped_training_resumes_bit_identical(tmp_path):
+    data = unequal_data(tmp_path / "unequal.json")
+    over = dict(group_by_length=True, lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    ref_out = tmp_path / "ref.json"
+    subprocess.run(train_cmd(tmp_path / "ref", ref_out, data=data, **over), check=True, capture_output=True)
+    work, out = tmp_path / "run", tmp_path / "run.json"
+    proc = subprocess.Popen(train_cmd(work, out, data=data, **over), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (work / "iter_4.pth" / COMPLETE).exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    k = complete_checkpoints(work)[-1][0]
+    subprocess.run(train_cmd(work, out, data=data, **over), check=True, capture_output=True)
+    summary = json.loads(out.read_text())
+    assert summary["resumed_from"] == k < summary["iterations"]
+    a, b = read_lora_state(json.loads(ref_out.read_text())["checkpoint"]), read_lora_state(summary["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [
+        r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------- the optimizer
+
+
+def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch):
+    """build_engine's fused AdamW, run by ZeRO-2 over its flat partition, moves the LoRA weights as
+    plain per-parameter AdamW of the same settings does, step after step."""
+    from snaketune.model import load_for_training
+    from snaketune.train import Plan, build_engine, setup_distributed, token_loss_sum
+
+    setup_distributed(1)
+    cfg = TrainConfig(template="internlm2_chat", batch_size=2, accumulative_counts=1, lr=1e-2, weight_decay=0.01,
+                      max_norm=1e9, warmup_ratio=0.0, gradient_checkpointing=False,
+                      lora=LoraConfig(r=8, alpha=16, dropout=0.0))
+    torch.manual_seed(0)
+    engine, optimizer = build_engine(TINY_BASE, cfg, Plan([], {}, 4, 4, [1, 2, 3, 4]), "cpu", False)
+    assert optimizer.optimizer.param_groups[0]["fused"]
+    plain_model = load_for_training(TINY_BASE, cfg.lora, device="cpu", gradient_checkpointing=False)
+    trained = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    mine = {n: p for n, p in plain_model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in mine.items():
+            p.copy_(trained[n])
+    start = {n: p.detach().clone() for n, p in mine.items()}
+    plain = torch.optim.AdamW(mine.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    engine.train()
+    plain_model.train()
+    n_sup = int((batch[1][:, 1:] != -100).sum())
+    for _ in range(3):
+        engine.backward(token_loss_sum(engine, *batch) / n_sup, scale_wrt_gas=False)
+        plain.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"]  # the schedule's lr of this step
+        engine.step()
+        plain.zero_grad()
+        (token_loss_sum(plain_model, *batch) / n_sup).backward()
+        plain.step()
+        # Adam divides by sqrt(v): where a gradient is near zero, a last-bit difference of the fused
+        # kernel's arithmetic moves that weight by up to lr; per tensor, the updates agree to 1e-4
+        for n, p in mine.items():
+            plain_update, engine_update = p.detach() - start[n], trained[n].detach() - start[n]
+            assert (engine_update - plain_update).norm() <= 1e-4 * plain_update.norm() + 1e-12, n
+    assert any("lora_B" in n and trained[n].abs().sum() > 0 for n in trained)

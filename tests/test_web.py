@@ -1,0 +1,133 @@
+"""``snaketune web`` in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+The server is the real command on the tiny talking model; the page's
+answers must equal the model's greedy answers computed here without the
+chat code (``generate_answers`` for a first turn, an argmax loop over
+typed-out XTuner ids for a second). Skipped where Chromium or Playwright is
+missing, except under CI=true, where that is a failure.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from snaketune.chat import load_model
+from snaketune.generation import generate_answers
+
+from .chat_model import argmax_answer, build_talking_model, chatml
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+SYSTEM = "You are Snaky."
+MAX = 16
+
+
+def need(what: str) -> None:
+    if os.environ.get("CI"):  # as the SLURM tests: CI must run them
+        pytest.fail(f"{what} is missing: CI must run the browser test (.ci/run installs it)")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        need("chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need("playwright (pip install -r requirements-dev.txt)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``snaketune web`` on the talking model, on a free port; (url, model dir)."""
+    model = build_talking_model(tmp_path_factory.mktemp("web") / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "snaketune.cli", "web", str(model), "--prompt-template",
+                             "internlm2_chat", "--system", SYSTEM, "--max-new-tokens", str(MAX), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"snaketune web exited:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "snaketune web did not answer within 120 s"
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url, model
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+WATCH = """n => {
+    // record every text the n-th answer shows, until it is complete
+    window.seen = [];
+    window.observer = new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid="bot"]');
+        const text = bots.length === n ? bots[n - 1].innerText.trim() : null;
+        if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+    });
+    window.observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+# complete: the n-th answer is there and the question box takes input again
+DONE = """n => document.querySelectorAll('[data-testid="bot"]').length === n
+            && !document.querySelector('#question textarea').disabled"""
+
+
+def ask(page, question: str, n: int) -> list[str]:
+    """Type the question and press Enter; every text the n-th answer showed, the final one last."""
+    page.evaluate(WATCH, n)
+    page.fill("#question textarea", question)
+    page.press("#question textarea", "Enter")
+    page.wait_for_function(DONE, arg=n, timeout=60_000)
+    page.wait_for_timeout(300)  # a last update after the box is enabled would still be recorded
+    return page.evaluate("() => { window.observer.disconnect(); return window.seen; }")
+
+
+def test_page_streams_the_greedy_answers_keeps_history_and_clears(browser, server, tmp_path):
+    url, model_dir = server
+    model, tok = load_model(model_dir)
+    first, alone = (a.answer for a in generate_answers(model, tok, "internlm2_chat", ["Who are you?", "What is your name?"],
+                                                       system=SYSTEM, max_new_tokens=MAX))
+    second = argmax_answer(model, tok, chatml(SYSTEM, [("Who are you?", first), ("What is your name?", None)],
+                                              lambda text: tok.encode(text, add_special_tokens=False)))
+    assert second != alone
+
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    elsewhere: list[str] = []  # the page must work offline (clusters): no fonts or scripts from the internet
+    page.on("request", lambda request: None if request.url.startswith(url) else elsewhere.append(request.url))
+    page.goto(url)
+    page.wait_for_selector("#question textarea")
+    # the system prompt and the generation settings are on the page
+    assert page.input_value("#system textarea") == SYSTEM
+    assert page.input_value("#max-new-tokens input[type=number]") == str(MAX)
+    assert page.input_value("#temperature input[type=number]") == "0"
+
+    seen = ask(page, "Who are you?", 1)
+    assert seen[-1] == first
+    seen = ask(page, "What is your name?", 2)
+    assert seen[-1] == second  # the page sent the history
+    assert all(second.startswith(text) for text in seen) and len(seen) > 1, seen  # streamed, word by word
+    page.screenshot(path=str(tmp_path / "web.png"))
+
+    page.click("#conversation button[aria-label='Clear']")
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length === 0")
+    assert ask(page, "What is your name?", 1)[-1] == alone  # a fresh conversation
+    assert elsewhere == []
