@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TextStreamer
+from transformers import AutoModelForCausalLM, TextStreamer
 
 from .config import ConfigError
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
-from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, pick_device
+from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, nf4_config, pick_device
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
 Turn = dict[str, Any]
@@ -180,8 +180,7 @@ def load_model(model_dir: str | os.PathLike, *, adapter: str | os.PathLike | Non
         model = load_base(model_dir, "float32", trust_remote_code)
     else:
         dtype = compute_dtype(device)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype) if bits == 4 else None
+        quant = nf4_config(dtype) if bits == 4 else None
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
                                                      device_map={"": torch.cuda.current_device()},
                                                      trust_remote_code=trust_remote_code)

@@ -105,6 +105,8 @@ class ReplaySpec(Section):
     max_new_tokens: int = 64
     batch_size: int = 16
     unfinished: str = "open"  # an answer cut off at max_new_tokens: open (trained without an end-of-turn) or drop
+    # the model as it answers: nf4 = as QLoRA training sees it (match the experiment's train.quantization)
+    quantization: str = "nf4"
 
 
 @dataclass

@@ -16,6 +16,22 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)  # what was generated, the stop token included
 
 
+def forget_long_contexts(model) -> None:
+    """Put dynamically scaled rotary embeddings (``rope_type: dynamic``, InternLM2's) back to their
+    original frequencies.
+
+    transformers rescales them once a sequence outgrows ``max_position_embeddings`` and keeps the
+    rescaled frequencies for every shorter sequence after it, so without this an answer would depend
+    on how long the sequences the model saw before were (the base + adapter model answering after
+    the base model's long answers would not match a freshly loaded merged model).
+    """
+    for module in model.modules():
+        original = getattr(module, "original_inv_freq", None)
+        if original is not None and hasattr(module, "original_max_seq_len"):
+            module.register_buffer("inv_freq", original.clone(), persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
 def generate_answers(model, tokenizer, template, prompts: list[str], *, system: str = "",
                      max_new_tokens: int = 64, batch_size: int = 1) -> list[Answer]:
     """Greedy decoding, ``batch_size`` prompts at a time.
@@ -32,6 +48,7 @@ def generate_answers(model, tokenizer, template, prompts: list[str], *, system: 
     pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
+    forget_long_contexts(model)
     device = next(model.parameters()).device
     answers = []
     try:
@@ -68,6 +85,7 @@ def answer_nll(model, tokenizer, template, answers: list[Answer], *, system: str
     pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
+    forget_long_contexts(model)
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     try:

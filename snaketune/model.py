@@ -52,6 +52,14 @@ def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False
     return tok
 
 
+def nf4_config(compute_dtype):
+    """QLoRA's quantization: 4-bit NF4 with double quantization, computing in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_threshold=6.0)
+
+
 def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantization: str = "nf4",
                       trust_remote_code: bool = False, gradient_checkpointing: bool = True,
                       device: str | None = None):
@@ -59,7 +67,7 @@ def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantiz
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     dtype = compute_dtype(device)
@@ -67,9 +75,7 @@ def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantiz
     device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_threshold=6.0)
+        kwargs["quantization_config"] = nf4_config(dtype)
     elif quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r}: use nf4 or none")
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -150,14 +156,22 @@ def lora_kwargs(lora: LoraConfig) -> dict[str, Any]:
     return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
 
 
-def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False):
-    """The unquantised base model on the CPU (merge and evaluation)."""
+def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False, *,
+              quantization: str = "none"):
+    """The base model for inference: unquantised on the CPU (merge and evaluation), or ``nf4`` as
+    QLoRA training loads it (4-bit NF4, double quantization; on the GPU when there is one)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map="cpu",
-                                                trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map="cpu", trust_remote_code=trust_remote_code)
+    if quantization == "nf4":
+        device = pick_device()
+        compute = compute_dtype(device)
+        kwargs.update(dtype=compute, device_map=device, quantization_config=nf4_config(compute))
+    elif quantization != "none":
+        raise ValueError(f"unknown quantization {quantization!r}: use nf4 or none")
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
 def load_peft_model(base, adapter_dir: str | os.PathLike):

@@ -51,7 +51,7 @@ def replay_data(dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *
     if not questions:
         raise DataError(evalsets.path_of(spec.questions), None, "split", "no question of split train",
                         'mark the questions that may become training data with "split": "train"')
-    model = load_base(model_dir, "float32", trust_remote_code)
+    model = load_base(model_dir, "float32", trust_remote_code, quantization=spec.quantization)
     answers = generate_answers(model, load_tokenizer(model_dir, trust_remote_code), spec.template,
                                [q.question for q in questions], system=spec.system,
                                max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)

@@ -9,10 +9,12 @@ import shutil
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from snaketune import evalsets, metrics
 from snaketune.config import EvaluationConfig
 from snaketune.data import mix, replay_records
+from snaketune.encoding import encode_prompt
 from snaketune.evaluate import CheckFailed, evaluate
 from snaketune.generation import Answer, answer_nll, generate_answers
 from snaketune.model import load_base, load_tokenizer
@@ -152,6 +154,26 @@ def test_batched_greedy_equals_one_at_a_time(chatty):
     assert len({tuple(a.token_ids) for a in one}) == len(prompts)  # answers differ by prompt
     assert [a.token_ids for a in batched] == [a.token_ids for a in one]
     assert [(a.answer, a.stopped, a.new_tokens) for a in batched] == [(a.answer, a.stopped, a.new_tokens) for a in one]
+
+
+def test_answers_do_not_depend_on_how_long_earlier_sequences_were(tmp_path):
+    """InternLM2's dynamic RoPE, on a model whose positions run out at 16: transformers rescales the
+    frequencies past that and keeps them for shorter sequences after, so a model that answered at
+    length first would answer a short question otherwise than a fresh copy of itself."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(TINY_BASE)
+    config.initializer_range, config.max_position_embeddings = 0.2, 16
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    tokenizer = load_tokenizer(TINY_BASE)
+    fresh = generate_answers(model, tokenizer, TEMPLATE, ["你是谁"], max_new_tokens=8)
+    generate_answers(model, tokenizer, TEMPLATE, ["Tell me a long story about the sea."], max_new_tokens=60)
+    answer_nll(model, tokenizer, TEMPLATE, fresh)
+    again = generate_answers(model, tokenizer, TEMPLATE, ["你是谁"], max_new_tokens=8)
+    assert [a.token_ids for a in again] == [a.token_ids for a in fresh]
+    assert len(encode_prompt("你是谁", tokenizer, TEMPLATE, "")) + 8 > 16  # the answer runs past 16 positions
 
 
 def hand_nll(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
@@ -295,8 +317,16 @@ def test_replay_rule_writes_the_models_own_answers_to_training_questions_only(mi
     wd, _ = mixed_run
     records = json.loads((wd / "results/data/replay/replay.json").read_text())
     train = [q.question for q in evalsets.load("general", split="train")]
-    tokenizer, model = load_tokenizer(chatty), load_base(chatty, "float32")
-    expected = generate_answers(model, tokenizer, TEMPLATE, train, max_new_tokens=6)  # one at a time
+    # the answers of the model as QLoRA training sees it (the spec's default quantization: nf4), loaded here
+    # with transformers' own 4-bit settings, one question at a time
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(chatty, dtype=torch.float32, quantization_config=nf4)
+    tokenizer = load_tokenizer(chatty)
+    expected = generate_answers(model, tokenizer, TEMPLATE, train, max_new_tokens=6)
+    # not the unquantized model's, which would teach the adapter to undo the 4-bit rounding
+    unquantized = generate_answers(load_base(chatty, "float32"), tokenizer, TEMPLATE, train, max_new_tokens=6)
+    assert [a.answer for a in unquantized] != [a.answer for a in expected]
     assert [r["conversation"][0] for r in records] == [
         {"system": "", "input": a.prompt, "output": a.answer, **({} if a.stopped else {"end_of_turn": False})}
         for a in expected if a.answer]
