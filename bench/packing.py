@@ -21,16 +21,8 @@ import yaml
 from snaketune.config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, and whether it has AVX-512 (it changes the speed)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    return f"{name or 'unknown CPU'}, {'with' if 'avx512f' in info else 'without'} AVX-512"
+sys.path.insert(0, str(ROOT / "bench"))
+from trainer_vs_hf import cpu_model  # noqa: E402  (one description of the machine for every benchmark)
 
 
 def run(experiment: str, pack: bool, model: Path, data: Path, work: Path, threads: int) -> dict:

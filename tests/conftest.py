@@ -70,3 +70,22 @@ def copy_workflow(dest: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def kill_at_checkpoint(cmd: list[str], work: Path, iteration: int = 4, timeout: float = 300) -> None:
+    """Start ``cmd`` in a session of its own and SIGKILL it with all its children (torchrun's ranks)
+    as soon as ``work/iter_<iteration>.pth`` is complete."""
+    import signal
+    import time
+
+    from snaketune.checkpoints import COMPLETE
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not (work / f"iter_{iteration}.pth" / COMPLETE).exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,21 +1,18 @@
 """Data parallel ranks (gloo on the CPU), loss normalisation, determinism, multi-node launch command."""
 
 import json
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from snaketune.checkpoints import COMPLETE, complete_checkpoints
+from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import ExportConfig, LoraConfig
 from snaketune.export import pth_to_hf, read_lora_state
 from snaketune.launch import torchrun_command
 from snaketune.safe_pickle import load_checkpoint
 
-from .conftest import TINY_BASE, read_jsonl, unequal_data
+from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
 from .test_train import train_cmd
 
 # No dropout: ranks draw different random numbers, so dropout would make them differ for that reason alone.
@@ -57,13 +54,7 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(tmp_path):
 def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
     cmd = train_cmd(work, out, **EXACT, batch_size=1, accumulative_counts=1) + ["--ranks", "2", "--threads", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (work / "iter_4.pth" / COMPLETE).exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
+    kill_at_checkpoint(cmd, work)  # torchrun and both ranks
     k, ckpt = complete_checkpoints(work)[-1]
     # the 2-rank checkpoint converts: the gathered fp32 partitions are the trained weights
     module = {key: v for key, v in load_checkpoint(ckpt / "mp_rank_00_model_states.pt")["module"].items()}

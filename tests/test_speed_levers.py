@@ -10,19 +10,17 @@ fused optimizer inside ZeRO-2 (the same update as plain AdamW).
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from snaketune.checkpoints import COMPLETE, complete_checkpoints
+from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import LoraConfig, TrainConfig
 from snaketune.export import read_lora_state
 
-from .conftest import TINY_BASE, read_jsonl, unequal_data
+from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
 from .test_train import train_cmd
 
 
@@ -251,14 +249,7 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
     ref_out = tmp_path / "ref.json"
     subprocess.run(train_cmd(tmp_path / "ref", ref_out, data=data, **over), check=True, capture_output=True)
     work, out = tmp_path / "run", tmp_path / "run.json"
-    proc = subprocess.Popen(train_cmd(work, out, data=data, **over), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (work / "iter_4.pth" / COMPLETE).exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(train_cmd(work, out, data=data, **over), work)
     k = complete_checkpoints(work)[-1][0]
     subprocess.run(train_cmd(work, out, data=data, **over), check=True, capture_output=True)
     summary = json.loads(out.read_text())
@@ -272,13 +263,30 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
 # ---------------------------------------------------------------- the optimizer
 
 
-def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch):
+@pytest.fixture
+def process_group():
+    """A one-process group in this process, gone afterwards with the rendezvous variables it set: a
+    training started later from this process (a subprocess) must not inherit RANK or a taken port."""
+    from snaketune.train import setup_distributed
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in names}
+    setup_distributed(1)
+    yield
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch, process_group):
     """build_engine's fused AdamW, run by ZeRO-2 over its flat partition, moves the LoRA weights as
     plain per-parameter AdamW of the same settings does, step after step."""
     from snaketune.model import load_for_training
-    from snaketune.train import Plan, build_engine, setup_distributed, token_loss_sum
+    from snaketune.train import Plan, build_engine, token_loss_sum
 
-    setup_distributed(1)
     cfg = TrainConfig(template="internlm2_chat", batch_size=2, accumulative_counts=1, lr=1e-2, weight_decay=0.01,
                       max_norm=1e9, warmup_ratio=0.0, gradient_checkpointing=False,
                       lora=LoraConfig(r=8, alpha=16, dropout=0.0))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from snaketune.encoding import Encoded
 from snaketune.export import read_lora_state
 from snaketune.train import epoch_batches, lr_factor, pack, window_ends
 
-from .conftest import TINY_BASE, XTUNER, read_jsonl, tiny_config
+from .conftest import TINY_BASE, XTUNER, kill_at_checkpoint, read_jsonl, tiny_config
 
 TINY = dict(template="internlm2_chat", max_length=64, batch_size=2, accumulative_counts=2, max_epochs=3,
             lr=1e-3, warmup_ratio=0.1, save_steps=4, save_total_limit=3, evaluation_freq=1000,
@@ -84,13 +83,7 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
 
     work, out, log = tmp_path / "run", tmp_path / "run.json", tmp_path / "train.log"
     cmd = train_cmd(work, out) + ["--log", str(log)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (work / "iter_4.pth" / COMPLETE).exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cmd, work)
     assert not out.exists(), "the final output must appear only when training finished"
     k = complete_checkpoints(work)[-1][0]
     assert 4 <= k < 24
