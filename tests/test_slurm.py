@@ -122,11 +122,13 @@ def test_scancelled_training_resumes_when_resubmitted(cluster, tmp_path):
 def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, tmp_path):
     """The profile's `retries: 2` and `runtime: 720 * attempt`: a train job killed by its walltime
     (here: its limit cut to one minute while it runs) is resubmitted with twice the time and resumes."""
-    wd = workflow(tmp_path, max_epochs=200, evaluation_freq=10000)  # long enough to outlive a minute
+    # SLURM kills a job between 60 and 90 s after its start once its limit is one minute: the training
+    # must last well beyond that on a fast CPU (the tiny model does ~40 iterations/s on 2 cores: ~3 min)
+    wd = workflow(tmp_path, max_epochs=1400, save_steps=100, evaluation_freq=100000)
     proc = subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm"],
                             cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
-    while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
+    while not (wd / "work_dirs/tiny/iter_100.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
         time.sleep(0.2)
     (first,) = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
