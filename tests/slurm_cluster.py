@@ -53,8 +53,6 @@ class Cluster:
             # One GPU in name only (gres.conf: File=/dev/null): the profile's GPU request is scheduled as
             # shipped; the job finds no CUDA device and trains on the CPU.
             "GresTypes=gpu",
-            # count the GPU among a job's trackable resources, so `scontrol show job` lists it under TRES
-            "AccountingStorageTRES=gres/gpu",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:1 "
             "State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",

@@ -90,8 +90,9 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
         assert logs, f"no SLURM log for {rule} job {jobid}"
     # the profile's requests, as SLURM recorded them
     train, merge = scontrol(jobs["train"]), scontrol(jobs["merge"])
-    assert "gres/gpu=1" in train["TRES"] and train["TimeLimit"] == "12:00:00" and train["NumTasks"] == "1"
-    assert train["CpusPerTres"] == "gres/gpu:2" and train["MinMemoryNode"] == "4000M"
+    # (without an accounting database SLURM lists GRES under TresPerJob, not TRES)
+    assert train["TresPerJob"] == "gres:gpu:1" and train["TimeLimit"] == "12:00:00" and train["NumTasks"] == "1"
+    assert train["CpusPerTres"] == "gres:gpu:2" and train["MinMemoryNode"] == "4000M"
     assert merge["MinMemoryNode"] == "4000M" and merge["TimeLimit"] == "00:30:00"
     assert (wd / "results/tiny/merged/config.json").exists()
     assert (wd / "results/tiny/evaluation.md").exists()
