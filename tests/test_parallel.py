@@ -53,7 +53,9 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(tmp_path):
 
 def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
-    cmd = train_cmd(work, out, **EXACT, batch_size=1, accumulative_counts=1) + ["--ranks", "2", "--threads", "2"]
+    data = unequal_data(tmp_path / "unequal.json")  # the data run() gives the reference below
+    cmd = train_cmd(work, out, data=data, **EXACT, batch_size=1, accumulative_counts=1)
+    cmd += ["--ranks", "2", "--threads", "2"]
     kill_at_checkpoint(cmd, work)  # torchrun and both ranks
     k, ckpt = complete_checkpoints(work)[-1]
     # the 2-rank checkpoint converts: the gathered fp32 partitions are the trained weights
@@ -65,7 +67,7 @@ def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k and summary["world_size"] == 2
-    _, ref = run(tmp_path, "ref", ranks=2, batch_size=1, accumulative_counts=1)
+    _, ref = run(tmp_path, "ref", ranks=2, data=data, batch_size=1, accumulative_counts=1)
     a, b = read_lora_state(summary["checkpoint"]), read_lora_state(ref["checkpoint"])
     assert all(torch.equal(a[n], b[n]) for n in a)
 
