@@ -66,7 +66,7 @@ def test_resolve_applies_defaults_and_looks_up_references():
     assert [p.name for p in exp.mixture] == ["self_cognition", "general_replay"] and exp.mixed
     assert exp.train.lr == 1e-3 and exp.train.lora.r == 16  # set in config.yaml
     assert exp.train.betas == (0.9, 0.999) and exp.train.lora.target_modules == "all-linear"  # defaults
-    assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.require_stop
+    assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.batch_size == 16
 
 
 def test_unknown_keys_and_dangling_references_name_their_path():
