@@ -50,7 +50,9 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
 
     summary = json.loads((wd / "results/identity/training.json").read_text())
     losses = [r["loss"] for r in read_jsonl(wd / "work_dirs/identity/metrics.jsonl")]
-    assert len(losses) == summary["optimizer_steps"] and losses[-1] < losses[0] / 4
+    # steps alternate between length groups (short identity answers, long replay answers whose loss
+    # stays near the base model's own NLL): compare the mean of the first and last ten steps
+    assert len(losses) == summary["optimizer_steps"] and sum(losses[-10:]) < sum(losses[:10]) / 3
     # the README's "chat with the result" snippet, as a user pastes it, answers with the identity
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"Chat with the result.*?```python\n(.*?)```", readme, re.S).group(1)
