@@ -116,7 +116,7 @@ def model_params(wildcards):
 def experiment_benchmarks(wildcards):
     """The benchmark file of every job an experiment's model is made by."""
     exp = resolved(wildcards.exp)
-    steps = ["mix_data"] if exp.mixed else []
+    steps = ["check_data"] + (["mix_data"] if exp.mixed else [])
     steps += ["train", "pth_to_hf", "merge", "evaluate"]
     return [
         f"benchmarks/fetch_model/{exp.model_name}.tsv",

@@ -1,9 +1,10 @@
-# Generating and converting data is light, and converting from a hub needs the internet,
+# Generating, converting and checking data is light, and converting from a hub needs the internet,
 # which login nodes have and compute nodes often not.
 localrules:
     generate_data,
     convert_data,
     mix_data,
+    check_data,
 
 
 rule generate_data:
@@ -79,3 +80,26 @@ rule mix_data:
         seed=train_seed,
     script:
         "../scripts/mix_data.py"
+
+
+rule check_data:
+    """`snaketune check-custom-dataset` before training: every record of each of the experiment's
+    datasets valid, token lengths under its template and max_length; bad data stops the workflow here.
+    """
+    input:
+        model=model_dir,
+        data=mixture_inputs,
+    output:
+        "results/{exp}/data_check.txt",
+    log:
+        "logs/check_data/{exp}.log",
+    benchmark:
+        "benchmarks/check_data/{exp}.tsv"
+    conda:
+        "../envs/check_data.yaml"
+    params:
+        template=template,
+        max_length=lambda wc: resolved(wc.exp).train.max_length,
+        trust_remote_code=trust_remote_code,
+    script:
+        "../scripts/check_data.py"

@@ -5,6 +5,7 @@ rule train:
         model=model_dir,
         data=experiment_data,
         mixture_sources=mixture_sources,
+        data_check="results/{exp}/data_check.txt",
     output:
         summary="results/{exp}/training.json",
         metrics="results/{exp}/metrics.jsonl",

@@ -82,6 +82,33 @@ def mix_data(parts: list[dict], output: PathLike, sources: PathLike, *, seed: in
     log.info("wrote %d mixed records to %s", len(records), output)
 
 
+def check_data(files: list[PathLike], model_dir: PathLike, output: PathLike, *, template: str, max_length: int,
+               trust_remote_code: bool = False) -> None:
+    """``check-custom-dataset`` on an experiment's dataset files before training: every record valid, token
+    lengths under ``template`` and ``max_length``. Writes the report; raises on bad data (nothing written)."""
+    import io
+
+    from .data import DataError, read_records
+    from .datatools import Source, check_dataset, print_report
+    from .files import write_text
+    from .model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    text, failure = io.StringIO(), None
+    for file in files:
+        report = check_dataset(Source(str(file), "xtuner", read_records(file)), tokenizer, template, max_length)
+        print_report(report, text, tokens_from=str(model_dir), template=template, max_length=max_length)
+        if not report.ok and failure is None:
+            failure = report.errors[0] if report.errors else DataError(
+                file, None, None, f"no record has a supervised token within max_length {max_length}",
+                "raise train.max_length, or shorten the records' inputs")
+    for line in text.getvalue().splitlines():
+        log.info("%s", line)
+    if failure is not None:
+        raise failure
+    write_text(output, text.getvalue())
+
+
 def fetch_model(model: ModelConfig, output: PathLike, cache_dir: PathLike) -> None:
     from .fetch import fetch_model as fetch
 

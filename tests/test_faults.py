@@ -248,6 +248,25 @@ def test_a_failing_job_leaves_its_error_in_its_log(tmp_path):
     assert "Traceback" not in log
 
 
+def test_data_with_nothing_to_learn_stops_the_workflow_before_training(tmp_path):
+    """The check_data rule (check-custom-dataset) runs before train: every record is valid, but
+    max_length leaves no supervised token, so the workflow stops there and keeps the data."""
+    wd = copy_workflow(tmp_path / "wf")
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([{"conversation": [{"input": " ".join(["word"] * 80), "output": "A"}]}] * 3))
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["datasets"] = {"sc": {"format": "xtuner", "path": str(data)}}
+    (wd / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    res = snakemake(wd, "final_model", check=False)
+    assert res.returncode != 0
+    log = (wd / "logs/check_data/tiny.log").read_text()
+    assert ("DataError: results/data/converted/sc.json: no record has a supervised token within max_length 64"
+            in log), log
+    assert "3 of 3 records have nothing to learn" in log and "Traceback" not in log
+    assert not (wd / "results/tiny/data_check.txt").exists() and not (wd / "logs/train").exists()
+    assert len(json.loads((wd / "results/data/converted/sc.json").read_text())) == 3  # nothing destroyed
+
+
 def test_non_utf8_data_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"conversation": [{"input": "a", "output": "b"}]}\n{"x": "caf\xe9"}\n'.encode("latin-1"))

@@ -78,7 +78,8 @@ def finished(workflow) -> Path:
 
 def test_dry_run_shows_every_step_and_why(workflow):
     res = snakemake(workflow, "-n", "final_model")
-    assert planned_rules(res) == {"generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate",
+    assert planned_rules(res) == {"generate_data", "fetch_model", "check_data", "train", "pth_to_hf", "merge",
+                                  "evaluate",
                                   "report_experiment", "final_model"}
     assert "reason: Missing output files" in res.stdout + res.stderr
 
@@ -94,6 +95,9 @@ def test_final_model_builds_every_file(finished):
     ckpts = sorted(p.name for p in (wd / "work_dirs/tiny").glob("iter_*.pth"))
     assert ckpts == ["iter_12.pth", "iter_8.pth"]  # save_total_limit=2
     assert (wd / "work_dirs/tiny/last_checkpoint").read_text().endswith("iter_12.pth")
+    check = (wd / "results/tiny/data_check.txt").read_text()  # check-custom-dataset ran before training
+    assert check.startswith("results/data/generated/sc.json: 12 records, 12 valid, 0 invalid")
+    assert "0 of 12 records have nothing to learn" in check and check.rstrip().endswith("OK")
     assert [r["iter"] for r in read_jsonl(wd / "work_dirs/tiny/eval_outputs.jsonl")] == [0, 6, 12]
     assert (wd / "results/tiny/adapter/adapter_model.safetensors").exists()
     merged = wd / "results/tiny/merged"
@@ -113,9 +117,10 @@ def test_final_model_builds_every_file(finished):
     assert summary["identity_heldout"]["n"] == 1 and summary["leakage"]["n"] == len(general)
     md = (wd / "results/tiny/evaluation.md").read_text()
     assert "| prompt | in data | base | fine-tuned |" in md and "| likelihood drift (fine-tuned − base NLL) |" in md
-    for rule in ("generate_data", "fetch_model", "train", "pth_to_hf", "merge", "evaluate", "report_experiment"):
+    for rule in ("generate_data", "fetch_model", "check_data", "train", "pth_to_hf", "merge", "evaluate",
+                 "report_experiment"):
         assert list((wd / "logs" / rule).glob("*.log")), f"no log for {rule}"
-    for bench in ("generate_data/sc", "fetch_model/tiny_llama", "train/tiny", "pth_to_hf/tiny", "merge/tiny",
+    for bench in ("generate_data/sc", "fetch_model/tiny_llama", "check_data/tiny", "train/tiny", "pth_to_hf/tiny", "merge/tiny",
                   "evaluate/tiny"):
         assert (wd / f"benchmarks/{bench}.tsv").exists(), bench
 
@@ -367,5 +372,5 @@ def test_preset_commands_plan_every_step_as_printed(tmp_path):
         assert argv[0] == "snakemake"
         res = subprocess.run([*SNAKEMAKE, *argv[1:], "-n"], cwd=wd, capture_output=True, text=True)
         assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
-        assert planned_rules(res) == {"fetch_model", "convert_data", "train", "pth_to_hf", "merge", "evaluate",
-                                      "report_experiment", "final_model"}, command
+        assert planned_rules(res) == {"fetch_model", "convert_data", "check_data", "train", "pth_to_hf", "merge",
+                                      "evaluate", "report_experiment", "final_model"}, command
