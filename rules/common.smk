@@ -72,11 +72,7 @@ def mixture_inputs(wildcards):
 
 
 def mixture_parts(wildcards):
-    exp = resolved(wildcards.exp)
-    return [
-        {"name": p.name, "repeat": p.repeat, "file": path}
-        for p, path in zip(exp.mixture, mixture_inputs(wildcards))
-    ]
+    return resolved(wildcards.exp).mixture_parts()
 
 
 def train_seed(wildcards):

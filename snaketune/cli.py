@@ -91,14 +91,10 @@ def cmd_replay_data(args) -> None:
 
 
 def cmd_mix_data(args) -> None:
-    from .config import dataset_file
-
     exp, layout = experiment_of(args)
     if not exp.mixed:
         raise ConfigError(f"experiment {exp.name} trains on one dataset ({exp.mixture[0].name}): nothing to mix")
-    parts = [{"name": p.name, "repeat": p.repeat, "file": dataset_file(p.name, exp.datasets[p.name])}
-             for p in exp.mixture]
-    steps.mix_data(parts, args.output or layout.data_file, args.sources or layout.mixture_sources,
+    steps.mix_data(exp.mixture_parts(), args.output or layout.data_file, args.sources or layout.mixture_sources,
                    seed=exp.train.seed)
 
 

@@ -115,6 +115,9 @@ class DatasetPart(Section):
 
     name: str
     repeat: float = 1.0  # 2 = every record twice; 0.5 = a seeded half of them
+    # ce: cross-entropy on the answers' tokens; kl: KL divergence from the base model's (adapter off)
+    # next-token distribution at those positions, a distillation term that keeps the base model's answers
+    loss: str = "ce"
 
 
 @dataclass
@@ -211,7 +214,7 @@ class Experiment:
     @property
     def mixed(self) -> bool:
         """Whether the training data is a mixture file rather than the one dataset's own file."""
-        return len(self.mixture) > 1 or self.mixture[0].repeat != 1
+        return len(self.mixture) > 1 or self.mixture[0].repeat != 1 or self.mixture[0].loss != "ce"
 
     @property
     def data_file(self) -> str:
@@ -224,6 +227,10 @@ class Experiment:
     def data_jobs(self) -> list[tuple[str, str]]:
         """(rule, dataset name) of every job that makes a dataset of the mixture."""
         return [(self.datasets[part.name].step, part.name) for part in self.mixture]
+
+    def mixture_parts(self) -> list[dict[str, Any]]:
+        """What the mix_data step takes: each part's name, repeat, loss and dataset file."""
+        return [{**asdict(part), "file": dataset_file(part.name, self.datasets[part.name])} for part in self.mixture]
 
     def provenance_record(self) -> dict[str, Any]:
         """What provenance.json records beside the train and model sections, which the train step
@@ -328,6 +335,9 @@ def resolve(config: dict, name: str) -> Experiment:
                       mixture=mixture, datasets=datasets, gpus=rest.gpus, ranks=rest.ranks, **sections)
 
 
+LOSSES = ("ce", "kl")  # a mixture part's loss (DatasetPart.loss); data.LOSS_KEY marks its records
+
+
 def mixture_of(value: Any, where: str) -> list[DatasetPart]:
     """An experiment's ``dataset``: one name, or a list of names and ``{name, repeat}`` entries
     (XTuner concatenates datasets; LLaMA-Factory takes ``dataset: identity,alpaca``)."""
@@ -342,6 +352,8 @@ def mixture_of(value: Any, where: str) -> list[DatasetPart]:
         part = DatasetPart.from_dict(item, at)
         if not isinstance(part.repeat, (int, float)) or part.repeat <= 0:
             raise ConfigError(f"{at}.repeat: must be a number above 0, got {part.repeat!r}")
+        if part.loss not in LOSSES:
+            raise ConfigError(f"{at}.loss: {part.loss!r}; choose one of {', '.join(LOSSES)}")
         parts.append(part)
     names = [part.name for part in parts]
     if len(set(names)) != len(names):

@@ -23,6 +23,11 @@ from .files import write_json, write_jsonl
 Record = dict[str, Any]
 
 
+# A record's optional training loss: "ce" (the default) or "kl" (mix_data writes it for a mixture
+# part with loss: kl; snaketune.train distils the base model's next-token distribution there).
+LOSS_KEY = "loss"
+
+
 class DataError(ValueError):
     """A malformed record: says which file, which record, which field, and the fix."""
 
@@ -149,7 +154,12 @@ def validate_conversation(rec: Any, path, index: int) -> Record:
     if not any(t.get("output_with_loss", True) for t in out):
         raise DataError(path, index, "conversation", "no turn is trained on (all output_with_loss are false)",
                         "drop the record or set output_with_loss true on one turn")
-    return {"conversation": out}
+    if LOSS_KEY not in rec:
+        return {"conversation": out}
+    if rec[LOSS_KEY] not in ("ce", "kl"):
+        raise DataError(path, index, LOSS_KEY, f"is {rec[LOSS_KEY]!r}",
+                        'use "ce" (cross-entropy on the answers) or "kl" (distil the base model at the answers)')
+    return {"conversation": out, LOSS_KEY: rec[LOSS_KEY]}
 
 
 # ---------------------------------------------------------------- converters

@@ -66,17 +66,21 @@ def replay_data(dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *
 
 
 def mix_data(parts: list[dict], output: PathLike, sources: PathLike, *, seed: int = 0) -> None:
-    """Concatenate an experiment's datasets (``parts``: name, file, repeat) into one training file,
-    and record what went in (file, hash, records, repeat) for provenance."""
-    from .data import mix, read_records, validate_conversation, write_records
+    """Concatenate an experiment's datasets (``parts``: name, file, repeat, loss) into one training file,
+    and record what went in (file, hash, records, repeat, loss) for provenance. The records of a part
+    with loss kl are marked so (``data.LOSS_KEY``)."""
+    from .data import LOSS_KEY, mix, read_records, validate_conversation, write_records
     from .provenance import sha256_file
 
-    loaded = [(p["name"], [validate_conversation(r, p["file"], i) for i, r in enumerate(read_records(p["file"]))],
-               p["repeat"]) for p in parts]
+    def records(part: dict) -> list[dict]:
+        recs = [validate_conversation(r, part["file"], i) for i, r in enumerate(read_records(part["file"]))]
+        return [{**r, LOSS_KEY: "kl"} for r in recs] if part.get("loss") == "kl" else recs
+
+    loaded = [(p["name"], records(p), p["repeat"]) for p in parts]
     records, counts = mix(loaded, seed)
     write_records(records, output)
     for part, count in zip(parts, counts):
-        count.update(file=str(part["file"]), sha256=sha256_file(part["file"]))
+        count.update(loss=part.get("loss", "ce"), file=str(part["file"]), sha256=sha256_file(part["file"]))
         log.info("%s: %d records x %g -> %d", count["name"], count["records"], count["repeat"], count["used"])
     write_json(sources, {"records": len(records), "seed": seed, "datasets": counts})
     log.info("wrote %d mixed records to %s", len(records), output)

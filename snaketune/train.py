@@ -20,12 +20,12 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import checkpoints
 from .config import TrainConfig
+from .data import LOSS_KEY
 from .encoding import IGNORE_INDEX, Encoded, encode_conversation
 from .files import append_jsonl, filter_jsonl
 from .generation import as_dicts, generate_answers
@@ -44,11 +44,19 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    kl: list[int] = field(default_factory=list)  # per token, 1 in a sample trained with loss kl; [] when none is
 
 
-def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[list[Encoded], dict]:
+@dataclass
+class Sample(Encoded):
+    """An encoded record and its loss: kl distils the base model at its supervised positions."""
+
+    kl: bool = False
+
+
+def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[list[Sample], dict]:
     """Encode every record; drop those with nothing to learn, as XTuner does; count truncation."""
-    kept, dropped, truncated_samples, truncated_tokens = [], 0, 0, 0
+    kept, dropped, truncated_samples, truncated_tokens, kl = [], 0, 0, 0, 0
     for rec in records:
         enc = encode_conversation(rec["conversation"], tokenizer, cfg.template, cfg.max_length)
         if all(lab == IGNORE_INDEX for lab in enc.labels):
@@ -57,9 +65,10 @@ def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[li
         if enc.truncated:
             truncated_samples += 1
             truncated_tokens += enc.truncated
-        kept.append(enc)
+        kept.append(Sample(**asdict(enc), kl=rec.get(LOSS_KEY) == "kl"))
+        kl += kept[-1].kl
     stats = dict(samples=len(kept), dropped_no_labels=dropped, truncated_samples=truncated_samples,
-                 truncated_tokens=truncated_tokens)
+                 truncated_tokens=truncated_tokens, kl_samples=kl)
     return kept, stats
 
 
@@ -82,31 +91,63 @@ def pack(samples: list[Encoded], max_length: int, seed: int) -> list[Row]:
         cur.input_ids += smp.input_ids
         cur.labels += smp.labels
         cur.position_ids += list(range(len(smp.input_ids)))
+        cur.kl += [int(getattr(smp, "kl", False))] * len(smp.input_ids)
     if cur.input_ids:
         rows.append(cur)
+    for row in rows:
+        row.kl = row.kl if any(row.kl) else []
     return rows
 
 
 def as_rows(samples: list[Encoded]) -> list[Row]:
-    return [Row(smp.input_ids, smp.labels, list(range(len(smp.input_ids)))) for smp in samples]
+    return [Row(smp.input_ids, smp.labels, list(range(len(smp.input_ids))),
+                [1] * len(smp.input_ids) if getattr(smp, "kl", False) else []) for smp in samples]
 
 
 def collate(rows: list[Row], pad_id: int):
-    """Right-pad; pads get their own position ids so they form a separate (unsupervised) block."""
+    """Right-pad; pads get their own position ids so they form a separate (unsupervised) block.
+    Returns ids, labels, position ids and the kl marks (None when no row has a kl sample)."""
     import torch
 
     width = max(len(r.input_ids) for r in rows)
-    ids, labels, pos = [], [], []
+    ids, labels, pos, kl = [], [], [], []
     for r in rows:
         n = width - len(r.input_ids)
         ids.append(r.input_ids + [pad_id] * n)
         labels.append(r.labels + [IGNORE_INDEX] * n)
         pos.append(r.position_ids + list(range(n)))
-    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)
+        kl.append((r.kl or [0] * len(r.input_ids)) + [0] * n)
+    marks = torch.tensor(kl, dtype=torch.bool) if any(r.kl for r in rows) else None
+    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks
 
 
-def token_loss_sum(model, ids, labels, position_ids):
-    """Summed cross-entropy over supervised tokens.
+def head_logits(model, ids, position_ids, positions):
+    """The output head's logits at ``positions`` (position t predicts token t + 1), or at every
+    position but the last when ``positions`` is None (a model without ``logits_to_keep``)."""
+    if positions is None:
+        return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
+    if logits.shape[:2] != (ids.shape[0], len(positions)):
+        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
+                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
+    return logits
+
+
+def base_model_logits(model, ids, position_ids, positions):
+    """The base model's logits: the same forward with the LoRA adapter turned off, without gradients."""
+    import torch
+
+    peft_model = getattr(model, "module", model)  # inside a DeepSpeed engine
+    if not hasattr(peft_model, "disable_adapter"):
+        raise TypeError(f"loss kl distils the base model under the adapter; {type(peft_model).__name__} has none")
+    with torch.no_grad(), peft_model.disable_adapter():
+        return head_logits(peft_model, ids, position_ids, positions)
+
+
+def token_loss_sum(model, ids, labels, position_ids, kl=None):
+    """Summed loss over supervised tokens: cross-entropy, and where ``kl`` marks a sample trained
+    with loss kl, KL(base || model), the divergence of the model's next-token distribution from the
+    base model's (the adapter turned off) at the same position, summed over the vocabulary.
 
     No attention mask is passed: transformers then builds a causal mask that is
     block-diagonal wherever the position ids restart, but only when no KV cache
@@ -120,21 +161,25 @@ def token_loss_sum(model, ids, labels, position_ids):
     length (``group_by_length``) that is exactly the supervised positions. A model
     whose forward lacks ``logits_to_keep`` gets the full head.
     """
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
-    if not accepts_logits_to_keep(model):
-        logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
     keep = targets != IGNORE_INDEX  # position t predicts token t + 1
-    positions = keep.any(0).nonzero().squeeze(1)  # a 1-D index: every transformers version takes it
-    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
-    if logits.shape[:2] != (ids.shape[0], len(positions)):
-        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
-                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
-    rows = keep[:, positions]
-    return F.cross_entropy(logits[rows].float(), targets[:, positions][rows], reduction="sum")
+    # a 1-D index: every transformers version takes it
+    head_at = keep.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
+    logits = head_logits(model, ids, position_ids, head_at)
+    positions = torch.arange(targets.shape[1], device=ids.device) if head_at is None else head_at
+    rows, targets = keep[:, positions], targets[:, positions]
+    distil = rows & kl[:, 1:][:, positions] if kl is not None else None
+    if distil is None or not distil.any():
+        return F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
+    ce = rows & ~distil
+    base = base_model_logits(model, ids, position_ids, head_at)
+    log_p = F.log_softmax(logits[distil].float(), -1)
+    log_base = F.log_softmax(base[distil].float(), -1)
+    return (F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
+            + F.kl_div(log_p, log_base, log_target=True, reduction="sum"))
 
 
 def unwrap(model):
@@ -380,7 +425,7 @@ def resume(engine, work_dir: Path, fingerprint: str, total_iters: int) -> int | 
     return resumed_from
 
 
-def train_window(engine, window: list[tuple[Any, Any, Any]], real_tokens: int) -> dict[str, float]:
+def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, float]:
     """One optimizer step over a window of micro-batches; returns this step's counts and loss.
 
     The loss is normalised by the supervised tokens of the whole window on all
@@ -391,14 +436,14 @@ def train_window(engine, window: list[tuple[Any, Any, Any]], real_tokens: int) -
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    counts = torch.tensor([float(sum((lab[:, 1:] != IGNORE_INDEX).sum() for _, lab, _ in window)),
-                           float(sum(ids.numel() for ids, _, _ in window)), float(real_tokens)],
+    counts = torch.tensor([float(sum((batch[1][:, 1:] != IGNORE_INDEX).sum() for batch in window)),
+                           float(sum(batch[0].numel() for batch in window)), float(real_tokens)],
                           device=engine.device)
     dist.all_reduce(counts)
     n_sup, n_tok, n_real = counts.tolist()
     loss_total = torch.zeros((), device=engine.device)
-    for ids, labels, pos in window:
-        loss_sum = token_loss_sum(engine, ids.to(engine.device), labels.to(engine.device), pos.to(engine.device))
+    for batch in window:
+        loss_sum = token_loss_sum(engine, *(t if t is None else t.to(engine.device) for t in batch))
         # ZeRO averages gradients over ranks, hence the factor world.
         engine.backward(loss_sum * world / n_sup, scale_wrt_gas=False)
         loss_total += loss_sum.detach()
@@ -420,7 +465,7 @@ class Batches:
         self.lengths = plan.lengths
         self.epoch, self.order = -1, []
 
-    def window(self, start: int, end: int) -> tuple[list[tuple[Any, Any, Any]], int]:
+    def window(self, start: int, end: int) -> tuple[list[tuple], int]:
         """Collated micro-batches of iterations [start, end) and their real (unpadded) tokens."""
         out, real = [], 0
         for it in range(start, end):

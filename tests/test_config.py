@@ -146,10 +146,13 @@ def test_a_dataset_is_one_name_or_a_mixture():
     assert exp.provenance_record()["dataset"] == ["self_cognition", "general_replay"]
     entry["dataset"] = [{"name": "self_cognition", "repeat": 2}]  # a repeat alone makes a mixture file
     assert resolve(config, "identity").mixed
+    entry["dataset"] = [{"name": "self_cognition", "loss": "kl"}]  # so does a loss (mix_data marks the records)
+    assert resolve(config, "identity").mixed
     for bad, message in ((["self_cognition", "self_cognition"], "listed twice"),
                          (["self_cognition", "nope"], "no dataset named 'nope'"),
                          ([{"name": "self_cognition", "repeat": 0}], r"dataset\[0\]\.repeat: must be a number above 0"),
                          ([{"name": "self_cognition", "times": 2}], r"unknown key\(s\) times"),
+                         ([{"name": "self_cognition", "loss": "mse"}], r"dataset\[0\]\.loss: 'mse'; choose one of ce, kl"),
                          ([], "name at least one dataset")):
         entry["dataset"] = bad
         with pytest.raises(ConfigError, match=message):

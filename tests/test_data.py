@@ -54,6 +54,7 @@ def test_xtuner_fixture_data_validates():
     ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": "yes"}]}, 1,
      "conversation[0].output_with_loss"),
     ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": False}]}, 1, "conversation"),
+    ("xtuner", {"conversation": [{"input": "q", "output": "a"}], "loss": "mse"}, 1, "loss"),
     ("alpaca", {"input": "x", "output": "y"}, 1, "instruction"),
     ("oasst1", {"txt": "### Human: hi"}, 1, "text"),
     ("openai", {"messages": [{"role": "user"}]}, 1, "messages[0].content"),

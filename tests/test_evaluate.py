@@ -299,14 +299,14 @@ def test_evaluation_only_questions_in_training_data_fail_before_any_model_is_loa
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, chatty):
     """The tiny experiment trained on a mixture (its identity data + replay answers of a second tiny
-    model, half of them) with a held-out identity threshold it cannot meet."""
+    model, half of them, trained with loss kl) with a held-out identity threshold it cannot meet."""
     wd = copy_workflow(tmp_path_factory.mktemp("mixed"))
     config = copy.deepcopy(TINY_CONFIG)
     config["models"]["chatty"] = {"source": "local", "path": str(chatty)}
     config["datasets"]["replay"] = {"generator": "replay", "spec": {
         "model": "chatty", "template": TEMPLATE, "max_new_tokens": 6, "batch_size": 32}}
     exp = config["experiments"]["tiny"]
-    exp["dataset"] = ["sc", {"name": "replay", "repeat": 0.5}]
+    exp["dataset"] = ["sc", {"name": "replay", "repeat": 0.5, "loss": "kl"}]
     exp["train"].update(save_steps=1000, evaluation_freq=1000)
     exp["evaluation"].update(general_max_new_tokens=4, min_identity_heldout=0.5)
     (wd / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -340,15 +340,20 @@ def test_mixture_record_counts_and_provenance(mixed_run):
     data = json.loads((wd / "results/data/mixed/tiny/data.json").read_text())
     assert len(data) == 12 + round(len(replay) / 2)  # the identity data (6 questions x 2 copies) + half the replay
     sources = json.loads((wd / "results/data/mixed/tiny/sources.json").read_text())
-    assert [(d["name"], d["records"], d["repeat"], d["used"]) for d in sources["datasets"]] == [
-        ("sc", 12, 1.0, 12), ("replay", len(replay), 0.5, round(len(replay) / 2))]
+    assert [(d["name"], d["records"], d["repeat"], d["used"], d["loss"]) for d in sources["datasets"]] == [
+        ("sc", 12, 1.0, 12, "ce"), ("replay", len(replay), 0.5, round(len(replay) / 2), "kl")]
+    # the replay records are marked for the kl loss, the identity records are not
+    assert [r.get("loss") for r in data] == [None] * 12 + ["kl"] * round(len(replay) / 2)
+    assert all({**r, "loss": "kl"} in [{**x, "loss": "kl"} for x in replay] for r in data[12:])
     assert sources["datasets"][1]["file"] == "results/data/replay/replay.json"
     prov = json.loads((wd / "results/tiny/provenance.json").read_text())
     assert prov["config"]["dataset"] == ["sc", "replay"]
-    assert prov["config"]["mixture"] == [{"name": "sc", "repeat": 1.0}, {"name": "replay", "repeat": 0.5}]
+    assert prov["config"]["mixture"] == [{"name": "sc", "repeat": 1.0, "loss": "ce"},
+                                         {"name": "replay", "repeat": 0.5, "loss": "kl"}]
     assert prov["config"]["mixture_sources"] == sources
     assert prov["config"]["dataset_entries"]["replay"]["generator"] == "replay"
-    assert json.loads((wd / "results/tiny/training.json").read_text())["data"]["samples"] == len(data)
+    trained = json.loads((wd / "results/tiny/training.json").read_text())["data"]
+    assert trained["samples"] == len(data) and trained["kl_samples"] == round(len(replay) / 2)
 
 
 def test_evaluation_only_questions_never_reach_training_data(mixed_run):

@@ -132,7 +132,7 @@ def test_training_model_is_nf4_on_cuda_with_bf16_compute(monkeypatch):
     tokenizer = load_tokenizer(TINY_BASE)
     samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:4], tokenizer,
                                 TrainConfig(template="internlm2_chat", max_length=64))
-    ids, labels, pos = (t.cuda() for t in collate(as_rows(samples), tokenizer.pad_token_id))
+    ids, labels, pos, _ = (t if t is None else t.cuda() for t in collate(as_rows(samples), tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-3)
     model.train()
     losses = []

@@ -34,7 +34,7 @@ def batch(tokenizer):
                                                     "fox jumps over a lazy dog while seven small birds sing"}]}],
                                 tokenizer, TrainConfig(template="internlm2_chat", max_length=64))
     assert len({len(s.input_ids) for s in samples}) == 2
-    return collate(as_rows(samples), tokenizer.pad_token_id)
+    return collate(as_rows(samples), tokenizer.pad_token_id)[:3]  # ids, labels, positions: no kl sample
 
 
 def lora_model(dropout=0.0, gradient_checkpointing=False):

@@ -172,6 +172,55 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     assert (crossed - one_by_one).abs() > 50 * max((packed - one_by_one).abs(), torch.tensor(1e-3))
 
 
+def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(tokenizer):
+    """A record with loss kl is trained on KL(base || model) at its supervised positions, summed over
+    the vocabulary; the others on cross-entropy. Expected values: the formula written out, with the
+    base model's logits from a separate plain load of the base (no adapter), detached."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.data import read_records
+    from snaketune.model import load_for_training
+    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+
+    first, second = read_records(XTUNER / "data.json")[:2]
+    samples, stats = encode_dataset([first, {**second, "loss": "kl"}], tokenizer,
+                                    TrainConfig(template="internlm2_chat", max_length=64))
+    assert stats["kl_samples"] == 1 and [s.kl for s in samples] == [False, True]
+    torch.manual_seed(0)
+    model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), quantization="none", device="cpu")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # an adapter that changes the outputs
+            torch.nn.init.normal_(p, std=0.05)
+    base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
+    ids, labels, pos, kl = collate(as_rows(samples), tokenizer.pad_token_id)
+    assert kl is not None and kl[1, :len(samples[1].input_ids)].all() and not kl[0].any()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    got = grads(token_loss_sum(model, ids, labels, pos, kl))
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    ce_at, kl_at = targets[0] != -100, targets[1] != -100
+    ce = F.cross_entropy(logits[0][ce_at], targets[0][ce_at], reduction="sum")
+    p_base = base_logits[1][kl_at].softmax(-1)
+    divergence = (p_base * (p_base.log() - logits[1][kl_at].log_softmax(-1))).sum()
+    assert divergence > 1e-3  # the adapter moved the model away from the base
+    want = grads(ce + divergence)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    # packed into one row, the same loss (the kl marks travel with their sample's tokens)
+    with torch.no_grad():
+        packed = token_loss_sum(model, *collate(pack(samples, 1024, seed=0), tokenizer.pad_token_id))
+    torch.testing.assert_close(packed, want[0], rtol=1e-4, atol=1e-4)
+
+
 def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
     """Generating (eval mode, no grad) between training steps must not change the gradients of
     the next step. bitsandbytes repacks 4-bit weights for inference on CPUs with AVX512-BF16,
