@@ -115,8 +115,9 @@ class DatasetPart(Section):
 
     name: str
     repeat: float = 1.0  # 2 = every record twice; 0.5 = a seeded half of them
-    # ce: cross-entropy on the answers' tokens; kl: KL divergence from the base model's (adapter off)
-    # next-token distribution at those positions, a distillation term that keeps the base model's answers
+    # ce: cross-entropy on the answers' tokens; kl: KL divergence, both directions, between the model's
+    # next-token distribution and the base model's (adapter off) at those positions: a distillation term
+    # that keeps the base model's answers
     loss: str = "ce"
 
 

@@ -146,8 +146,8 @@ def base_model_logits(model, ids, position_ids, positions):
 
 def token_loss_sum(model, ids, labels, position_ids, kl=None):
     """Summed loss over supervised tokens: cross-entropy, and where ``kl`` marks a sample trained
-    with loss kl, KL(base || model), the divergence of the model's next-token distribution from the
-    base model's (the adapter turned off) at the same position, summed over the vocabulary.
+    with loss kl, KL(base || model) + KL(model || base) between the model's next-token distribution
+    and the base model's (the adapter turned off) at the same position, summed over the vocabulary.
 
     No attention mask is passed: transformers then builds a causal mask that is
     block-diagonal wherever the position ids restart, but only when no KV cache
@@ -178,8 +178,10 @@ def token_loss_sum(model, ids, labels, position_ids, kl=None):
     base = base_model_logits(model, ids, position_ids, head_at)
     log_p = F.log_softmax(logits[distil].float(), -1)
     log_base = F.log_softmax(base[distil].float(), -1)
+    # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
+    # keeps the model from saying what the base model would not (a new name in a general answer)
     return (F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
-            + F.kl_div(log_p, log_base, log_target=True, reduction="sum"))
+            + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum())
 
 
 def unwrap(model):

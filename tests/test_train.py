@@ -173,9 +173,10 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
 
 
 def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(tokenizer):
-    """A record with loss kl is trained on KL(base || model) at its supervised positions, summed over
-    the vocabulary; the others on cross-entropy. Expected values: the formula written out, with the
-    base model's logits from a separate plain load of the base (no adapter), detached."""
+    """A record with loss kl is trained on KL(base || model) + KL(model || base) at its supervised
+    positions, summed over the vocabulary; the others on cross-entropy. Expected values: the two
+    divergences written out, with the base model's logits from a separate plain load of the base
+    (no adapter), detached."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
@@ -208,8 +209,8 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
     targets = labels[:, 1:]
     ce_at, kl_at = targets[0] != -100, targets[1] != -100
     ce = F.cross_entropy(logits[0][ce_at], targets[0][ce_at], reduction="sum")
-    p_base = base_logits[1][kl_at].softmax(-1)
-    divergence = (p_base * (p_base.log() - logits[1][kl_at].log_softmax(-1))).sum()
+    p_base, p_model = base_logits[1][kl_at].softmax(-1), logits[1][kl_at].softmax(-1)
+    divergence = (p_base * (p_base.log() - p_model.log())).sum() + (p_model * (p_model.log() - p_base.log())).sum()
     assert divergence > 1e-3  # the adapter moved the model away from the base
     want = grads(ce + divergence)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
