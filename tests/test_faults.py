@@ -234,13 +234,19 @@ def test_other_weights_with_the_same_config_are_another_model(tmp_path):
 # ---------------------------------------------------------------- what the user is told
 
 
-def test_a_failing_job_leaves_its_error_in_its_log(tmp_path):
+def workflow_on_local_data(tmp_path, records: str) -> tuple[Path, Path]:
+    """A copy of the tiny workflow whose dataset is a local XTuner file holding ``records`` (JSON text)."""
     wd = copy_workflow(tmp_path / "wf")
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"conversation": [{"input": "hi"}]}]')
+    data = tmp_path / "data.json"
+    data.write_text(records)
     config = json.loads(json.dumps(TINY_CONFIG))
-    config["datasets"] = {"sc": {"format": "xtuner", "path": str(bad)}}
+    config["datasets"] = {"sc": {"format": "xtuner", "path": str(data)}}
     (wd / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return wd, data
+
+
+def test_a_failing_job_leaves_its_error_in_its_log(tmp_path):
+    wd, bad = workflow_on_local_data(tmp_path, '[{"conversation": [{"input": "hi"}]}]')
     res = snakemake(wd, "results/data/converted/sc.json", check=False)
     assert res.returncode != 0
     log = (wd / "logs/convert_data/sc.log").read_text()
@@ -251,12 +257,8 @@ def test_a_failing_job_leaves_its_error_in_its_log(tmp_path):
 def test_data_with_nothing_to_learn_stops_the_workflow_before_training(tmp_path):
     """The check_data rule (check-custom-dataset) runs before train: every record is valid, but
     max_length leaves no supervised token, so the workflow stops there and keeps the data."""
-    wd = copy_workflow(tmp_path / "wf")
-    data = tmp_path / "long.json"
-    data.write_text(json.dumps([{"conversation": [{"input": " ".join(["word"] * 80), "output": "A"}]}] * 3))
-    config = json.loads(json.dumps(TINY_CONFIG))
-    config["datasets"] = {"sc": {"format": "xtuner", "path": str(data)}}
-    (wd / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    wd, _ = workflow_on_local_data(
+        tmp_path, json.dumps([{"conversation": [{"input": " ".join(["word"] * 80), "output": "A"}]}] * 3))
     res = snakemake(wd, "final_model", check=False)
     assert res.returncode != 0
     log = (wd / "logs/check_data/tiny.log").read_text()
