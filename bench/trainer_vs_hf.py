@@ -293,6 +293,7 @@ def child(arm: str, spec_file: Path, result_file: Path) -> None:
 def experiment_workload(args, tmp: Path) -> dict:
     """The workflow's experiment: its settings, model directory and data file."""
     from snaketune.config import Layout, load, resolve
+    from snaketune.data import LOSS_KEY, read_records, write_records
 
     config, name = load(args.config, args.experiment, args.set)
     exp = resolve(config, name)
@@ -304,7 +305,13 @@ def experiment_workload(args, tmp: Path) -> dict:
             raise SystemExit(f"{path} does not exist: run the workflow first (snakemake --cores all final_model), "
                              f"or the {made_by} step by hand")
     train = replace(exp.train, evaluation_inputs=[])
-    return {"name": f"experiment {name}", "model_dir": str(model_dir), "data_file": str(data_file),
+    name = f"experiment {name}"
+    records = read_records(data_file)
+    if any(LOSS_KEY in r for r in records):  # the baseline has no distillation term: both arms train on
+        data_file = tmp / "data_ce.json"     # cross-entropy at every record's answers
+        write_records([{k: v for k, v in r.items() if k != LOSS_KEY} for r in records], data_file)
+        name += " (loss kl marks removed: cross-entropy on every record in both arms)"
+    return {"name": name, "model_dir": str(model_dir), "data_file": str(data_file),
             "train": asdict(train), "params": None}
 
 

@@ -23,7 +23,7 @@ from .test_workflow import planned_rules, snakemake
 def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tmp_path):
     wd = copy_workflow(tmp_path)
     # the evaluate rule's checks ran: merged == base + adapter, answers stop, and the config's thresholds
-    # (identity >= 90% on held-out rephrasings, leakage <= 5%, retention >= 60%)
+    # (identity >= 90% on held-out rephrasings, leakage <= 5%, retention >= 80%)
     snakemake(wd, "final_model")
     summary = json.loads((wd / "results/identity/evaluation.json").read_text())
     assert {t["metric"]: t["passed"] for t in summary["thresholds"]} == {
@@ -32,8 +32,11 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     assert summary["identity_trained"]["finetuned"] == 1.0
     assert summary["identity_trained"]["base"] == summary["identity_heldout"]["base"] == 0.0
     assert summary["leakage"]["finetuned"] <= 0.05 and summary["leakage"]["n"] >= 50
-    assert summary["retention"]["finetuned"] >= 0.6 and summary["retention"]["of"] >= 20
+    assert summary["retention"]["finetuned"] >= 0.8 and summary["retention"]["of"] >= 20
     assert summary["nll"]["base"] > 0 and summary["nll"]["drift"] is not None  # reported beside the base figure
+    # the kl loss on the replay answers keeps the base model's distributions: its own answers are about as
+    # likely as before (cross-entropy replay made them 0.18 nats/token likelier: a sharper, changed model)
+    assert abs(summary["nll"]["drift"]) < 0.1
 
     rows = read_jsonl(wd / "results/identity/evaluation.jsonl")
     identity = [r for r in rows if r["set"] == "identity"]
@@ -46,12 +49,16 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     heldout = {q.question for q in evalsets.load("general", split="eval")}
     data = json.loads((wd / "results/data/mixed/identity/data.json").read_text())
     assert not heldout & {t["input"] for r in data for t in r["conversation"]}
+    # the replay records (96 x 2.5) are the ones trained with the kl loss
+    replay = json.loads((wd / "results/data/replay/general_replay.json").read_text())
+    assert [r.get("loss") for r in data] == [None] * (len(data) - round(2.5 * len(replay))) + ["kl"] * round(
+        2.5 * len(replay))
     assert planned_rules(snakemake(wd, "-n", "final_model")) == set()
 
     summary = json.loads((wd / "results/identity/training.json").read_text())
     losses = [r["loss"] for r in read_jsonl(wd / "work_dirs/identity/metrics.jsonl")]
-    # steps alternate between length groups (short identity answers, long replay answers whose loss
-    # stays near the base model's own NLL): compare the mean of the first and last ten steps
+    # a step's loss mixes identity cross-entropy and the replay's divergence from the base model (which
+    # starts at 0): compare the mean of the first and last ten steps
     assert len(losses) == summary["optimizer_steps"] and sum(losses[-10:]) < sum(losses[:10]) / 3
     # the README's "chat with the result" snippet, as a user pastes it, answers with the identity
     readme = (ROOT / "README.md").read_text()
