@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from .data import LOSSES
+
 # Names become directory names: no separators, no "." or "..".
 NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
 
@@ -334,9 +336,6 @@ def resolve(config: dict, name: str) -> Experiment:
     return Experiment(name=name, model_name=model_name,
                       model=from_dict(ModelConfig, config["models"][model_name], f"models.{model_name}"),
                       mixture=mixture, datasets=datasets, gpus=rest.gpus, ranks=rest.ranks, **sections)
-
-
-LOSSES = ("ce", "kl")  # a mixture part's loss (DatasetPart.loss); data.LOSS_KEY marks its records
 
 
 def mixture_of(value: Any, where: str) -> list[DatasetPart]:

@@ -26,6 +26,7 @@ Record = dict[str, Any]
 # A record's optional training loss: "ce" (the default) or "kl" (mix_data writes it for a mixture
 # part with loss: kl; snaketune.train distils the base model's next-token distribution there).
 LOSS_KEY = "loss"
+LOSSES = ("ce", "kl")  # also what a mixture part's loss may be (config.DatasetPart.loss)
 
 
 class DataError(ValueError):
@@ -156,7 +157,7 @@ def validate_conversation(rec: Any, path, index: int) -> Record:
                         "drop the record or set output_with_loss true on one turn")
     if LOSS_KEY not in rec:
         return {"conversation": out}
-    if rec[LOSS_KEY] not in ("ce", "kl"):
+    if rec[LOSS_KEY] not in LOSSES:
         raise DataError(path, index, LOSS_KEY, f"is {rec[LOSS_KEY]!r}",
                         'use "ce" (cross-entropy on the answers) or "kl" (distil the base model at the answers)')
     return {"conversation": out, LOSS_KEY: rec[LOSS_KEY]}

@@ -110,14 +110,16 @@ def collate(rows: list[Row], pad_id: int):
     import torch
 
     width = max(len(r.input_ids) for r in rows)
-    ids, labels, pos, kl = [], [], [], []
+    ids, labels, pos = [], [], []
     for r in rows:
         n = width - len(r.input_ids)
         ids.append(r.input_ids + [pad_id] * n)
         labels.append(r.labels + [IGNORE_INDEX] * n)
         pos.append(r.position_ids + list(range(n)))
-        kl.append((r.kl or [0] * len(r.input_ids)) + [0] * n)
-    marks = torch.tensor(kl, dtype=torch.bool) if any(r.kl for r in rows) else None
+    marks = None
+    if any(r.kl for r in rows):
+        marks = torch.tensor([(r.kl or [0] * len(r.input_ids)) + [0] * (width - len(r.input_ids)) for r in rows],
+                             dtype=torch.bool)
     return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks
 
 
@@ -438,8 +440,8 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    counts = torch.tensor([float(sum((batch[1][:, 1:] != IGNORE_INDEX).sum() for batch in window)),
-                           float(sum(batch[0].numel() for batch in window)), float(real_tokens)],
+    counts = torch.tensor([float(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, labels, *_ in window)),
+                           float(sum(ids.numel() for ids, *_ in window)), float(real_tokens)],
                           device=engine.device)
     dist.all_reduce(counts)
     n_sup, n_tok, n_real = counts.tolist()
