@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(rows=[], stats={}, iters_per_epoch=total_iters, total_iters=total_iters,
                 ends=window_ends(total_iters, args.acc))
     t0 = time.time()
-    engine, _ = build_engine(model_dir, cfg, plan, device, trust_remote_code=False)
+    engine, _, _ = build_engine(model_dir, cfg, plan, device, trust_remote_code=False)
     load_s = time.time() - t0
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)

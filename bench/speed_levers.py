@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(workload["model_dir"])
     plan = train.plan_data(Path(workload["data_file"]), tokenizer, cfg, 1)
-    engine, _ = train.build_engine(Path(workload["model_dir"]), cfg, plan, device, False)
+    engine, _, _ = train.build_engine(Path(workload["model_dir"]), cfg, plan, device, False)
     engine.train()
     switches = Switches(engine)
     todo = variants(cfg.lora.dropout > 0)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, v in todo.items():
             switches.apply(v)
             vcfg = replace(cfg, group_by_length=v["group_by_length"])
-            batches = train.Batches(plan, vcfg, tokenizer.pad_token_id, 0, 1)
+            batches = train.Batches(plan, vcfg, tokenizer.pad_token_id, 0, 1, vcfg.batch_size)  # whole micro-batches
             load = load_average()
             t0 = time.perf_counter()
             tokens = real = 0

@@ -155,12 +155,17 @@ class TrainConfig(Section):
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str = "nf4"
-    # auto: on only when the activations of the largest micro-batch would not fit comfortably in the
-    # memory left after loading the model (snaketune.model.activation_bytes); true / false force it.
+    # auto: on only when not even one row's activations would fit comfortably in the memory left after
+    # loading the model (snaketune.model.activation_bytes, train.fit_to_memory); true / false force it.
     gradient_checkpointing: bool | str = "auto"
     # Micro-batches of similar lengths (less padding); the samples of each optimizer step stay
     # independent of how the global batch is split into ranks and accumulation (train.epoch_order).
     group_by_length: bool = False
+    # Rows per forward/backward pass: each micro-batch runs as passes of this many rows, sorted by
+    # length, each padded to its own longest row; the loss is still normalised by the whole window's
+    # tokens, so the step is the same. auto: the whole micro-batch when its activations fit, else the
+    # most rows that do (cheaper than gradient checkpointing, which auto turns on only after this).
+    rows_per_pass: int | str = "auto"
 
 
 @dataclass

@@ -247,6 +247,15 @@ def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: i
     return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
+def passes(batch: list[Row], rows: int) -> list[list[Row]]:
+    """A micro-batch's forward/backward passes: its rows sorted by length, ``rows`` at a time (each
+    pass is padded to its own longest row), or the batch as it is when one pass takes it all."""
+    if rows >= len(batch):
+        return [batch]
+    ranked = sorted(batch, key=lambda r: len(r.input_ids))  # stable: a resumed run cuts the same passes
+    return [ranked[i:i + rows] for i in range(0, len(ranked), rows)]
+
+
 def iters_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
     return math.ceil(math.ceil(n_rows / world) / cfg.batch_size)
 
@@ -342,7 +351,7 @@ def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
     return Plan(rows, stats, ipe, total, window_ends(total, cfg.accumulative_counts))
 
 
-def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int) -> None:
+def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int, rows_per: int) -> None:
     rows = plan.rows
     log.info("data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, "
              "%d optimizer steps", plan.stats, len(rows), sum(len(r.input_ids) for r in rows),
@@ -350,16 +359,18 @@ def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int) -> None:
              len(plan.ends))
     batches = epoch_batches(len(rows), 0, cfg, rank, world, plan.lengths)
     real = sum(len(rows[i].input_ids) for b in batches for i in b)
-    padded = sum(len(b) * max(len(rows[i].input_ids) for i in b) for b in batches)
-    log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f, %.0f tokens per optimizer step",
-             rank, real, 1 - real / padded, real * world / math.ceil(plan.iters_per_epoch / cfg.accumulative_counts))
+    padded = sum(len(p) * max(len(r.input_ids) for r in p)
+                 for b in batches for p in passes([rows[i] for i in b], rows_per))
+    log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f (passes of %d rows), %.0f tokens per "
+             "optimizer step", rank, real, 1 - real / padded, rows_per, real * world / math.ceil(plan.iters_per_epoch / cfg.accumulative_counts))
     if plan.stats["truncated_samples"]:
         log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
                     plan.stats["truncated_samples"], cfg.max_length, plan.stats["truncated_tokens"])
 
 
 def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, trust_remote_code: bool):
-    """NF4 base + LoRA, AdamW and XTuner's LR schedule, wrapped by DeepSpeed ZeRO-2."""
+    """NF4 base + LoRA, AdamW and XTuner's LR schedule, wrapped by DeepSpeed ZeRO-2; and the rows per
+    forward/backward pass (:func:`fit_to_memory`)."""
     import deepspeed
     import torch
 
@@ -369,8 +380,7 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
                               trust_remote_code=trust_remote_code,
                               gradient_checkpointing=cfg.gradient_checkpointing is True, device=device)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing == "auto":
-        checkpoint_if_short_of_memory(model, cfg, plan, device)
+    rows = fit_to_memory(model, cfg, plan, device)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one pass over the flat fp32 partition ZeRO hands it, instead of one per operation
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
@@ -383,28 +393,47 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
         optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], plan.total_iters, cfg.warmup_ratio))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
-    return engine, optimizer
+    return engine, optimizer, rows
 
 
-# Gradient checkpointing "auto" turns on when the activations would take more than this share of
-# the memory left after loading the model (the rest: optimizer state, the allocator, other ranks' spikes).
+# The memory levers' "auto" keeps a pass's activations under this share of the memory left after
+# loading the model (the rest: optimizer state, the allocator, other ranks' spikes).
 ACTIVATION_SHARE = 0.5
 
 
-def checkpoint_if_short_of_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> bool:
-    """``gradient_checkpointing: auto``: recompute activations only where keeping them would not fit."""
+def fit_to_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> int:
+    """``rows_per_pass`` and ``gradient_checkpointing`` when ``auto``: the rows of one forward/backward
+    pass, with gradient checkpointing turned on here when even that does not fit.
+
+    Cheaper first: passes of fewer rows compute the same step with fewer activations kept, at a small
+    cost (the default experiment on 2 CPU cores: passes of 2 rows instead of 4 peaked at 2.04 GB instead
+    of 2.42 and trained at 1.28x instead of 1.51x the HF baseline's speed; README "Training speed");
+    recomputing every layer costs more (1.49x slower per epoch: bench/results/speed_levers.json).
+    So ``auto`` takes the most rows (up to ``batch_size``) whose activations fit; when not even one
+    row's do, whole micro-batches with checkpointing on.
+    """
     from .model import activation_bytes, available_memory, enable_gradient_checkpointing
 
+    rows = cfg.batch_size if cfg.rows_per_pass == "auto" else min(int(cfg.rows_per_pass), cfg.batch_size)
+    if cfg.rows_per_pass != "auto" and cfg.gradient_checkpointing != "auto":
+        return rows
     longest = max((len(r.input_ids) for r in plan.rows), default=cfg.max_length)
-    need = activation_bytes(unwrap(model).config, cfg.batch_size * longest, cfg.lora.dropout)
-    free = available_memory(device)
-    on = need > ACTIVATION_SHARE * free
-    if on:
+    config, free = unwrap(model).config, available_memory(device)
+
+    def need(n: int) -> int:
+        return activation_bytes(config, n * longest, cfg.lora.dropout)
+
+    if cfg.rows_per_pass == "auto" and cfg.gradient_checkpointing is not True:
+        fitting = next((n for n in range(cfg.batch_size, 0, -1) if need(n) <= ACTIVATION_SHARE * free), None)
+        rows = fitting or (cfg.batch_size if cfg.gradient_checkpointing == "auto" else 1)
+    checkpointing = cfg.gradient_checkpointing is True
+    if cfg.gradient_checkpointing == "auto" and need(rows) > ACTIVATION_SHARE * free:
+        checkpointing = True
         enable_gradient_checkpointing(model)
-    log.info("gradient checkpointing (auto): %s; activations of the largest micro-batch (%d x %d tokens) "
-             "~%.2f GiB, %.2f GiB free on %s", "on" if on else "off", cfg.batch_size, longest, need / 2**30,
-             free / 2**30, device)
-    return on
+    log.info("memory: passes of %d rows, gradient checkpointing %s; activations of the largest pass (%d x %d "
+             "tokens) ~%.2f GiB, %.2f GiB free on %s", rows, "on" if checkpointing else "off", rows, longest,
+             need(rows) / 2**30, free / 2**30, device)
+    return rows
 
 
 def resume(engine, work_dir: Path, fingerprint: str, total_iters: int) -> int | None:
@@ -464,13 +493,14 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
 class Batches:
     """This rank's micro-batches by iteration, one epoch's order in memory at a time."""
 
-    def __init__(self, plan: Plan, cfg: TrainConfig, pad_id: int, rank: int, world: int):
+    def __init__(self, plan: Plan, cfg: TrainConfig, pad_id: int, rank: int, world: int, rows_per: int):
         self.plan, self.cfg, self.pad_id, self.rank, self.world = plan, cfg, pad_id, rank, world
+        self.rows_per = rows_per
         self.lengths = plan.lengths
         self.epoch, self.order = -1, []
 
     def window(self, start: int, end: int) -> tuple[list[tuple], int]:
-        """Collated micro-batches of iterations [start, end) and their real (unpadded) tokens."""
+        """The collated passes of iterations [start, end) and their real (unpadded) tokens."""
         out, real = [], 0
         for it in range(start, end):
             epoch, k = divmod(it, self.plan.iters_per_epoch)
@@ -479,7 +509,7 @@ class Batches:
                 self.order = epoch_batches(len(self.plan.rows), epoch, self.cfg, self.rank, self.world, self.lengths)
             batch = [self.plan.rows[i] for i in self.order[k]]
             real += sum(len(r.input_ids) for r in batch)
-            out.append(collate(batch, self.pad_id))
+            out += [collate(p, self.pad_id) for p in passes(batch, self.rows_per)]
         return out, real
 
 
@@ -537,15 +567,15 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     plan = plan_data(data_file, tokenizer, cfg, world)
+    engine, optimizer, rows_per = build_engine(model_dir, cfg, plan, device, trust_remote_code)
     if rank == 0:
-        log_plan(plan, cfg, rank, world)
-    engine, optimizer = build_engine(model_dir, cfg, plan, device, trust_remote_code)
+        log_plan(plan, cfg, rank, world, rows_per)
     fingerprint = checkpoints.fingerprint(cfg, data_file, model_dir, world)
     resumed_from = resume(engine, work_dir, fingerprint, plan.total_iters)
     if resumed_from is None:
         evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
     engine.train()
-    batches, t_start = Batches(plan, cfg, tokenizer.pad_token_id, rank, world), time.time()
+    batches, t_start = Batches(plan, cfg, tokenizer.pad_token_id, rank, world, rows_per), time.time()
     for step, (start, end) in enumerate(zip(plan.starts, plan.ends), start=1):
         if end <= (resumed_from or 0):
             continue

@@ -4,8 +4,10 @@ Each lever is checked against the plain computation it replaces: the output head
 positions only (same loss and LoRA gradients as the full head), batches grouped by length (every
 sample once per epoch, the same samples per optimizer step however the global batch is split,
 exact resume, less padding), gradient checkpointing decided by memory (same loss and gradients
-as checkpointing on, and an activation estimate that covers what autograd really keeps), and the
-fused optimizer inside ZeRO-2 (the same update as plain AdamW).
+as checkpointing on, and an activation estimate that covers what autograd really keeps), passes of
+fewer rows (the same loss and gradients as the whole micro-batch, less padding; split before
+checkpointing when memory is short), and the fused optimizer inside ZeRO-2 (the same update as plain
+AdamW).
 """
 
 import json
@@ -159,18 +161,35 @@ def test_activation_estimate_covers_what_autograd_keeps(batch):
     assert measured[0.1] - measured[0.0] <= estimate[0.1] - estimate[0.0] <= 2 * (measured[0.1] - measured[0.0])
 
 
-def test_auto_checkpointing_turns_on_only_when_memory_is_short(monkeypatch, batch):
+def test_auto_splits_the_micro_batch_then_checkpoints_only_when_memory_is_short(monkeypatch):
+    """rows_per_pass and gradient_checkpointing auto: the whole micro-batch when its activations fit half
+    the free memory, else the most rows that do, and checkpointing only when not even one row's fit."""
     from snaketune import model as model_module
-    from snaketune.train import Plan, Row, checkpoint_if_short_of_memory
+    from snaketune.train import Plan, Row, fit_to_memory
 
-    cfg = TrainConfig(template="internlm2_chat", batch_size=2, lora=LoraConfig(r=8, alpha=16, dropout=0.1))
-    plan = Plan([Row([1] * 40, [1] * 40, list(range(40)))], {}, 1, 1, [1])
-    need = model_module.activation_bytes(lora_model().config, 2 * 40, 0.1)
-    for free, expected in ((100 * need, False), (need, True)):
+    plan = Plan([Row([1] * 40, [1] * 40, list(range(40)), [])], {}, 1, 1, [1])
+    config = lora_model().config
+    need = {n: model_module.activation_bytes(config, n * 40, 0.1) for n in (1, 2, 3, 4)}
+    cases = [  # (free memory, settings) -> (rows per pass, checkpointing)
+        (100 * need[4], {}, (4, False)),
+        (2 * need[4], {}, (4, False)),
+        (2 * need[3], {}, (3, False)),
+        (2 * need[2], {}, (2, False)),
+        (2 * need[1], {}, (1, False)),
+        (need[1], {}, (4, True)),
+        (need[1], {"gradient_checkpointing": False}, (1, False)),
+        (100 * need[4], {"gradient_checkpointing": True}, (4, True)),
+        (100 * need[4], {"rows_per_pass": 2}, (2, False)),
+        (2 * need[1], {"rows_per_pass": 2}, (2, True)),
+        (need[1], {"rows_per_pass": 2, "gradient_checkpointing": False}, (2, False)),
+    ]
+    for free, settings, expected in cases:
         monkeypatch.setattr(model_module, "available_memory", lambda device, free=free: free)
-        model = lora_model(dropout=0.1)
-        assert checkpoint_if_short_of_memory(model, cfg, plan, "cpu") is expected
-        assert model.get_base_model().is_gradient_checkpointing is expected
+        cfg = TrainConfig(template="internlm2_chat", batch_size=4, lora=LoraConfig(r=8, alpha=16, dropout=0.1),
+                          **settings)
+        model = lora_model(dropout=0.1, gradient_checkpointing=cfg.gradient_checkpointing is True)
+        rows = fit_to_memory(model, cfg, plan, "cpu")
+        assert (rows, model.get_base_model().is_gradient_checkpointing) == expected, (free, settings)
 
 
 # ---------------------------------------------------------------- batches grouped by length
@@ -260,6 +279,63 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
         r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
 
 
+# ---------------------------------------------------------------- passes of fewer rows
+
+
+def test_passes_of_fewer_rows_give_the_whole_batchs_loss_and_gradients(tokenizer):
+    from snaketune.train import as_rows, collate, encode_dataset, passes, token_loss_sum
+
+    answers = ["ok", "the quick brown fox jumps over a lazy dog", "seven small birds", "a b c d e f g h i j k l"]
+    samples, _ = encode_dataset([{"conversation": [{"input": f"Question {i}?", "output": a}]}
+                                 for i, a in enumerate(answers)], tokenizer,
+                                TrainConfig(template="internlm2_chat", max_length=64))
+    rows = as_rows(samples)
+    lengths = [len(r.input_ids) for r in rows]
+    assert len(set(lengths)) == 4
+    model = lora_model()
+
+    def in_passes(k):
+        def loss_fn(model, *_):
+            return sum(token_loss_sum(model, *collate(p, tokenizer.pad_token_id)[:3]) for p in passes(rows, k))
+        return loss_fn
+
+    whole_loss, whole = loss_and_grads(model, token_loss_sum, collate(rows, tokenizer.pad_token_id)[:3])
+    for k in (1, 2, 3):
+        loss, grads = loss_and_grads(model, in_passes(k), ())
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
+        # other matrix shapes sum in another order: equal to fp32 rounding of each tensor's scale
+        # (measured: at most 4e-6 of it for passes of one row)
+        for name, g in whole.items():
+            assert (grads[name] - g).abs().max() <= 2e-5 * g.abs().max(), (k, name)
+    # the passes hold every row once, shortest first, and pad to their own longest row only
+    cut = passes(rows, 2)
+    assert [[len(r.input_ids) for r in p] for p in cut] == [sorted(lengths)[:2], sorted(lengths)[2:]]
+    padded = sum(len(p) * max(len(r.input_ids) for r in p) for p in cut)
+    s = sorted(lengths)
+    assert padded == 2 * s[1] + 2 * s[3] < 4 * s[3]
+    assert passes(rows, 4) == [rows]  # one pass: the batch as it is
+
+
+def test_training_in_passes_of_one_row_equals_whole_micro_batches(tmp_path):
+    """The same optimizer steps however a micro-batch is cut into passes; fewer padded tokens."""
+    data = unequal_data(tmp_path / "unequal.json")
+    runs = {}
+    for k in (1, 4):
+        out = tmp_path / f"rows{k}.json"
+        subprocess.run(train_cmd(tmp_path / f"rows{k}", out, data=data, batch_size=4, accumulative_counts=1,
+                                 max_epochs=1, rows_per_pass=k, lora={"r": 8, "alpha": 16, "dropout": 0.0}),
+                       check=True, capture_output=True)
+        runs[k] = json.loads(out.read_text()), read_jsonl(tmp_path / f"rows{k}" / "metrics.jsonl")
+    (s1, m1), (s4, m4) = runs[1], runs[4]
+    assert [r["supervised_tokens"] for r in m1] == [r["supervised_tokens"] for r in m4]
+    assert [r["real_tokens"] for r in m1] == [r["real_tokens"] for r in m4]
+    assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m4], rel=1e-5)
+    assert sum(r["tokens"] for r in m1) == sum(r["real_tokens"] for r in m1) < sum(r["tokens"] for r in m4)
+    a, b = read_lora_state(s1["checkpoint"]), read_lora_state(s4["checkpoint"])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- the optimizer
 
 
@@ -291,7 +367,7 @@ def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch, process_group):
                       max_norm=1e9, warmup_ratio=0.0, gradient_checkpointing=False,
                       lora=LoraConfig(r=8, alpha=16, dropout=0.0))
     torch.manual_seed(0)
-    engine, optimizer = build_engine(TINY_BASE, cfg, Plan([], {}, 4, 4, [1, 2, 3, 4]), "cpu", False)
+    engine, optimizer, _ = build_engine(TINY_BASE, cfg, Plan([], {}, 4, 4, [1, 2, 3, 4]), "cpu", False)
     assert optimizer.optimizer.param_groups[0]["fused"]
     plain_model = load_for_training(TINY_BASE, cfg.lora, device="cpu", gradient_checkpointing=False)
     trained = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
