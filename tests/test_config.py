@@ -64,7 +64,7 @@ def test_resolve_applies_defaults_and_looks_up_references():
     assert exp.model_name == "smollm2_135m_instruct" and exp.model.source == "gguf"
     assert exp.datasets["self_cognition"].generated and exp.datasets["self_cognition"].spec["name"] == "Snaky"
     assert [p.name for p in exp.mixture] == ["self_cognition", "general_replay"] and exp.mixed
-    assert exp.train.lr == 1e-3 and exp.train.lora.r == 16  # set in config.yaml
+    assert exp.train.lr == 7e-4 and exp.train.lora.r == 16  # set in config.yaml
     assert exp.train.betas == (0.9, 0.999) and exp.train.lora.target_modules == "all-linear"  # defaults
     assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.batch_size == 16
 

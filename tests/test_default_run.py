@@ -23,16 +23,16 @@ from .test_workflow import planned_rules, snakemake
 def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tmp_path):
     wd = copy_workflow(tmp_path)
     # the evaluate rule's checks ran: merged == base + adapter, answers stop, and the config's thresholds
-    # (identity >= 90% on held-out rephrasings, leakage <= 5%, retention >= 80%)
+    # (identity >= 80% trained and >= 90% on held-out rephrasings, leakage <= 6%, retention >= 85%)
     snakemake(wd, "final_model")
     summary = json.loads((wd / "results/identity/evaluation.json").read_text())
     assert {t["metric"]: t["passed"] for t in summary["thresholds"]} == {
-        "identity_heldout": True, "leakage": True, "retention": True}
+        "identity_trained": True, "identity_heldout": True, "leakage": True, "retention": True}
     assert summary["identity_heldout"]["finetuned"] >= 0.9 and summary["identity_heldout"]["n"] >= 10
     assert summary["identity_trained"]["finetuned"] == 1.0
     assert summary["identity_trained"]["base"] == summary["identity_heldout"]["base"] == 0.0
-    assert summary["leakage"]["finetuned"] <= 0.05 and summary["leakage"]["n"] >= 50
-    assert summary["retention"]["finetuned"] >= 0.8 and summary["retention"]["of"] >= 20
+    assert summary["leakage"]["finetuned"] <= 0.06 and summary["leakage"]["n"] >= 50
+    assert summary["retention"]["finetuned"] >= 0.85 and summary["retention"]["of"] >= 20
     assert summary["nll"]["base"] > 0 and summary["nll"]["drift"] is not None  # reported beside the base figure
     # the kl loss on the replay answers keeps the base model's distributions: its own answers are about as
     # likely as before (cross-entropy replay made them 0.18 nats/token likelier: a sharper, changed model)
