@@ -361,8 +361,9 @@ def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int, rows_per: int)
     real = sum(len(rows[i].input_ids) for b in batches for i in b)
     padded = sum(len(p) * max(len(r.input_ids) for r in p)
                  for b in batches for p in passes([rows[i] for i in b], rows_per))
+    steps = math.ceil(plan.iters_per_epoch / cfg.accumulative_counts)
     log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f (passes of %d rows), %.0f tokens per "
-             "optimizer step", rank, real, 1 - real / padded, rows_per, real * world / math.ceil(plan.iters_per_epoch / cfg.accumulative_counts))
+             "optimizer step", rank, real, 1 - real / padded, rows_per, real * world / steps)
     if plan.stats["truncated_samples"]:
         log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
                     plan.stats["truncated_samples"], cfg.max_length, plan.stats["truncated_tokens"])
