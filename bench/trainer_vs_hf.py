@@ -52,6 +52,9 @@ if str(ROOT) not in sys.path:  # run from a checkout that is not installed (the 
 sys.path.insert(0, str(ROOT / "bench"))
 
 ARMS = ("snaketune", "hf")
+# Not run by default: the baseline on the allocator snaketune's train step preloads (train.allocator),
+# to show what the allocator alone does for it (--arms snaketune,hf,hf_tcmalloc).
+EXTRA_ARMS = ("hf_tcmalloc",)
 
 
 # ---------------------------------------------------------------- machine and memory
@@ -283,7 +286,10 @@ def child(arm: str, spec_file: Path, result_file: Path) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = json.loads(spec_file.read_text())
+    from snaketune.launch import malloc_in_use
+
     result = (run_snaketune if arm == "snaketune" else run_hf)(spec)
+    result["malloc"] = malloc_in_use()
     result_file.write_text(json.dumps(result))
 
 
@@ -372,6 +378,15 @@ def load_dict(config: dict, sets: list[str]) -> tuple[dict, str]:
 # ---------------------------------------------------------------- runs, table
 
 
+def arm_env(arm: str, workload: dict) -> dict[str, str]:
+    """snaketune's arm starts in the environment its train step would give it (the allocator's preload,
+    ``snaketune.launch.allocator_env``); the baseline in this one, as a user would start it."""
+    from snaketune.launch import allocator_env
+
+    setting = {"snaketune": workload["train"]["allocator"], "hf_tcmalloc": "tcmalloc"}.get(arm, "system")
+    return allocator_env(setting) or dict(os.environ)
+
+
 def one_run(arm: str, workload: dict, threads: int, tmp: Path, k: int) -> dict:
     work = tmp / f"{arm}_{k}"
     work.mkdir()
@@ -382,7 +397,7 @@ def one_run(arm: str, workload: dict, threads: int, tmp: Path, k: int) -> dict:
     with open(work / "log.txt", "w") as log:
         proc = subprocess.run([sys.executable, __file__, "--child", arm, str(work / "spec.json"),
                                str(work / "result.json")], check=False, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                              env={**arm_env(arm, workload), "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
         raise SystemExit(f"{arm} run {k} failed; its log:\n{(work / 'log.txt').read_text()[-4000:]}")
     result = json.loads((work / "result.json").read_text())
@@ -401,7 +416,7 @@ def summarize(runs: list[dict], arm: str) -> dict:
             "peak_gpu_gib": (max(r["peak_gpu"] for r in mine) / 2**30) if mine[0]["peak_gpu"] else None,
             "final_step_loss": statistics.median(r["final_step_loss"] for r in mine),
             "final_data_loss": statistics.median(r["final_data_loss"] for r in mine),
-            "optimizer_steps": mine[0]["optimizer_steps"]}
+            "optimizer_steps": mine[0]["optimizer_steps"], "malloc": sorted({r["malloc"] for r in mine})}
 
 
 def mfu(summary: dict, params: int | None, card: str | None) -> float | None:
@@ -419,11 +434,11 @@ def table(record: dict) -> str:
     head = ("| arm | training s (min / median) | real tokens/s | padding | "
             + ("peak GPU memory (GiB) | MFU |" if gpu else "peak RSS (GB) |") + " final loss: last step / all data |")
     lines = [head, "|---|---:|---:|---:|" + ("---:|---:|" if gpu else "---:|") + "---:|"]
-    for arm in [a for a in ARMS if a in s]:
+    for arm in [a for a in ARMS + EXTRA_ARMS if a in s]:
         x = s[arm]
         mem = (f"{x['peak_gpu_gib']:.2f} | {x['mfu']:.1%} |" if x.get("mfu") is not None else
                f"{x['peak_gpu_gib']:.2f} | n/a |") if gpu else f"{x['peak_rss_gb']:.2f} |"
-        lines.append(f"| {arm} | {x['train_s_min']:.1f} / {x['train_s_median']:.1f} | {x['real_tokens_per_s']:.1f} | "
+        lines.append(f"| {arm} ({', '.join(x['malloc'])}) | {x['train_s_min']:.1f} / {x['train_s_median']:.1f} | {x['real_tokens_per_s']:.1f} | "
                      f"{x['padding']:.1%} | {mem} {x['final_step_loss']:.4g} / {x['final_data_loss']:.4g} |")
     if "speedup" in record:
         lines.append(f"\nsnaketune / hf real tokens/s: **{record['speedup']:.2f}x** ({record['machine']}; "
@@ -441,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--data", help="default: the experiment's data file")
     p.add_argument("--set", action="append", default=[], help="override a setting, as snaketune --set")
     p.add_argument("--runs", type=int, default=3, help="runs per arm, alternated (default %(default)s)")
-    p.add_argument("--arms", default=",".join(ARMS), help="default: %(default)s")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"default: %(default)s; also: {', '.join(EXTRA_ARMS)}")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--gpu", action="store_true", help="InternLM2-1.8B shapes, 2048-token packed rows")
     p.add_argument("--tiny", action="store_true", help="with --gpu: tiny shapes, any machine")
@@ -483,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                   f", {card}" if card else ""),
               "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "runs_per_arm": args.runs,
               "load_averages": [r["load_average"][0] for r in runs], "summary": summary, "runs": runs}
-    if set(arms) == set(ARMS):
+    if set(ARMS) <= set(arms):
         record["speedup"] = summary["snaketune"]["real_tokens_per_s"] / summary["hf"]["real_tokens_per_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -133,17 +133,19 @@ def train(*, model_dir: PathLike, data_file: PathLike, work_dir: PathLike, summa
     """
     from . import provenance as prov
     from .config import from_dict
-    from .launch import inside_launcher, relaunch
+    from .launch import allocator_env, inside_launcher, relaunch
     from .train import METRICS, train as run
 
     cfg, model = from_dict(TrainConfig, train, "train"), from_dict(ModelConfig, model, "model")
-    if ranks > 1 and not inside_launcher():
+    env = None if inside_launcher() else allocator_env(cfg.allocator)
+    if (ranks > 1 or env) and not inside_launcher():
         call = dict(model_dir=str(model_dir), data_file=str(data_file), work_dir=str(work_dir), summary=str(summary),
                     train=asdict(cfg), model=asdict(model), record=record,
                     metrics=metrics and str(metrics), provenance=provenance and str(provenance), ranks=ranks,
-                    threads=max(1, (threads or 1) // ranks), workflow_dir=str(workflow_dir), log_file=log_file,
+                    threads=max(1, (threads or 1) // ranks) if ranks > 1 else threads,
+                    workflow_dir=str(workflow_dir), log_file=log_file,
                     mixture_sources=mixture_sources and str(mixture_sources))
-        relaunch(ranks, call)
+        relaunch(ranks, call, env)
     training_summary = run(model_dir, data_file, work_dir, cfg, threads=threads, trust_remote_code=model.trust_remote_code)
     if training_summary is None:  # not rank 0
         return

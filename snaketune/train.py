@@ -29,6 +29,7 @@ from .data import LOSS_KEY
 from .encoding import IGNORE_INDEX, Encoded, encode_conversation
 from .files import append_jsonl, filter_jsonl
 from .generation import as_dicts, generate_answers
+from .launch import malloc_in_use
 
 log = logging.getLogger(__name__)
 
@@ -571,6 +572,7 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     engine, optimizer, rows_per = build_engine(model_dir, cfg, plan, device, trust_remote_code)
     if rank == 0:
         log_plan(plan, cfg, rank, world, rows_per)
+        log.info("malloc: %s", malloc_in_use())
     fingerprint = checkpoints.fingerprint(cfg, data_file, model_dir, world)
     resumed_from = resume(engine, work_dir, fingerprint, plan.total_iters)
     if resumed_from is None:
@@ -608,7 +610,8 @@ def finish(work_dir: Path, plan: Plan, cfg: TrainConfig, world: int, resumed_fro
            seconds: float, device: str) -> dict:
     """Rank 0: close the progress record and sum the training up."""
     return {"checkpoint": str(work_dir / f"iter_{plan.total_iters}.pth"), "iterations": plan.total_iters,
-            "optimizer_steps": len(plan.ends), "world_size": world, "device": device, "resumed_from": resumed_from,
+            "optimizer_steps": len(plan.ends), "world_size": world, "device": device, "malloc": malloc_in_use(),
+            "resumed_from": resumed_from,
             "data": plan.stats, "rows": len(plan.rows),
             "tokens_per_epoch": sum(len(r.input_ids) for r in plan.rows),
             "train_seconds_this_run": seconds, "settings": asdict(cfg), "runs": checkpoints.end_run(work_dir)}

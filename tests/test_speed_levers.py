@@ -6,13 +6,14 @@ sample once per epoch, the same samples per optimizer step however the global ba
 exact resume, less padding), gradient checkpointing decided by memory (same loss and gradients
 as checkpointing on, and an activation estimate that covers what autograd really keeps), passes of
 fewer rows (the same loss and gradients as the whole micro-batch, less padding; split before
-checkpointing when memory is short), and the fused optimizer inside ZeRO-2 (the same update as plain
-AdamW).
+checkpointing when memory is short), the fused optimizer inside ZeRO-2 (the same update as plain
+AdamW), and the train step started on tcmalloc (the same training as on glibc's malloc).
 """
 
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -393,3 +394,69 @@ def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch, process_group):
             plain_update, engine_update = p.detach() - start[n], trained[n].detach() - start[n]
             assert (engine_update - plain_update).norm() <= 1e-4 * plain_update.norm() + 1e-12, n
     assert any("lora_B" in n and trained[n].abs().sum() > 0 for n in trained)
+
+
+# ---------------------------------------------------------------- the allocator
+
+
+@pytest.fixture(scope="module")
+def tcmalloc():
+    from snaketune.launch import find_tcmalloc
+
+    lib = find_tcmalloc()
+    if lib is None:
+        why = "tcmalloc is not installed (Debian: libtcmalloc-minimal4; .ci/run installs it)"
+        if os.environ.get("CI"):  # as the SLURM tests: CI must run these
+            pytest.fail(why)
+        pytest.skip(why)
+    return lib
+
+
+def malloc_of_a_process(env):
+    """What a fresh Python started in ``env`` runs on, read from its own memory map by this test."""
+    code = "print(next((n for n in ('tcmalloc', 'jemalloc') if 'lib' + n in open('/proc/self/maps').read()), 'system'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_allocator_env_preloads_tcmalloc_once_and_fails_clearly_without_it(tcmalloc, monkeypatch):
+    from snaketune import launch
+    from snaketune.config import ConfigError
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env = launch.allocator_env("auto")
+    assert env["LD_PRELOAD"] == tcmalloc and malloc_of_a_process(env) == "tcmalloc"
+    assert env["TCMALLOC_RELEASE_RATE"] == "0"  # the user's own setting, when set, wins
+    monkeypatch.setenv("TCMALLOC_RELEASE_RATE", "2")
+    assert launch.allocator_env("auto")["TCMALLOC_RELEASE_RATE"] == "2"
+    assert launch.allocator_env("tcmalloc")["LD_PRELOAD"] == tcmalloc
+    assert launch.allocator_env("system") is None and malloc_of_a_process(dict(os.environ)) == "system"
+    # a preload that was asked for but is not in this process: no second start (no exec loop)
+    monkeypatch.setenv("LD_PRELOAD", tcmalloc)
+    assert launch.allocator_env("auto") is None
+    monkeypatch.delenv("LD_PRELOAD")
+    with pytest.raises(ConfigError, match="train.allocator"):
+        launch.allocator_env("jemalloc")
+    # a machine without tcmalloc: auto falls back, an explicit request names the setting and the package
+    monkeypatch.setattr(launch, "find_tcmalloc", lambda: None)
+    assert launch.allocator_env("auto") is None
+    with pytest.raises(ConfigError, match=r"train.allocator: tcmalloc.*libtcmalloc-minimal4"):
+        launch.allocator_env("tcmalloc")
+
+
+def test_the_train_step_runs_on_tcmalloc_and_trains_exactly_as_on_glibc(tmp_path, tcmalloc):
+    """By hand, as the workflow's job runs it: auto restarts the step on tcmalloc (same pid, so a kill still
+    reaches it); the losses and the LoRA weights are bit-identical to a run on glibc's malloc."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    runs = {}
+    for setting in ("auto", "system"):
+        out, log = tmp_path / f"{setting}.json", tmp_path / f"{setting}.log"
+        subprocess.run(train_cmd(tmp_path / setting, out, allocator=setting) + ["--log", str(log)], env=env,
+                       check=True, capture_output=True)
+        runs[setting] = json.loads(out.read_text()), read_jsonl(tmp_path / setting / "metrics.jsonl"), log.read_text()
+    (s_tc, m_tc, log_tc), (s_sys, m_sys, log_sys) = runs["auto"], runs["system"]
+    assert s_tc["malloc"] == "tcmalloc" and s_sys["malloc"] == "system"
+    assert f"LD_PRELOAD={tcmalloc}" in log_tc and "LD_PRELOAD" not in log_sys
+    assert [r["loss"] for r in m_tc] == [r["loss"] for r in m_sys]
+    a, b = read_lora_state(s_tc["checkpoint"]), read_lora_state(s_sys["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
