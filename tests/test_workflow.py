@@ -287,7 +287,10 @@ def _training_job_pids(workdir: Path) -> list[int]:
     for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["cwd"] == str(workdir) and "snakemake" not in cmd.split(" ")[1:3] and "train.py" in cmd:
+            # the job's script, or the same process once it started itself again on tcmalloc
+            # (train.allocator: `python -m snaketune.launch`, same pid)
+            train = "train.py" in cmd or "-m snaketune.launch" in cmd
+            if p.info["cwd"] == str(workdir) and "snakemake" not in cmd.split(" ")[1:3] and train:
                 pids.append(p.info["pid"])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
