@@ -167,7 +167,7 @@ class TrainConfig(Section):
     # most rows that do (cheaper than gradient checkpointing, which auto turns on only after this).
     rows_per_pass: int | str = "auto"
     # The training process's malloc (launch.allocator_env): tcmalloc reuses the memory a step frees,
-    # where glibc's keeps much of it (the default experiment on a CPU: peak RSS 2.06 vs 2.42 GB). auto:
+    # where glibc's keeps much of it (the default experiment on a CPU: peak RSS 2.00 vs 2.42 GB). auto:
     # tcmalloc when installed (conda: gperftools; Debian: libtcmalloc-minimal4), else the system's;
     # the results do not depend on it (bit-identical).
     allocator: str = "auto"

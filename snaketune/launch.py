@@ -8,7 +8,7 @@ launcher, and every rank dies with it (:func:`die_with_parent`).
 The memory allocator is chosen here too (``train.allocator``): glibc's malloc keeps
 much of the memory a training step frees in its arenas, where tcmalloc (gperftools)
 reuses it (the default experiment's training on a CPU: peak RSS 2.42 GB on glibc's,
-2.06 GB on tcmalloc; README, "Training speed"). A preload must be in place when a
+2.00 GB on tcmalloc; README, "Training speed"). A preload must be in place when a
 process starts, so a one-rank job that should run on tcmalloc also becomes a fresh
 process (same pid) with ``LD_PRELOAD`` set.
 """
