@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check, in ONE command for the GPU machine (no network there; at most ~8 minutes).
+# The GPU check: does snaketune's recipe run on this CUDA GPU, and how fast? One command, no
+# internet needed (sized to finish in about 8 minutes on one H100).
 #
-# Here, on the CPU machine (needs PyPI), once per session:
-#     bash bench/gpu_wheels.sh          # bitsandbytes (trimmed to CUDA 13.0), deepspeed, pydantic, ... in .whl/
-# Then through the device tool:
-#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# What comes back under $OUT: gpu_check.log (everything printed), gpu_tests.xml (pytest's JUnit
-# report) and gpu_bench.json (bench/gpu_bench.py's figures).
+# On a machine with PyPI, fetch the wheels the GPU machine lacks; copy the checkout with .whl/ to
+# the GPU machine; run this there:
+#     bash bench/gpu_wheels.sh                    # on the machine with PyPI: .whl/
+#     OUT=gpu_out bash bench/gpu_check.sh         # on the GPU machine
+# It expects Python 3.12 with a CUDA 13.0 build of torch, transformers, peft, accelerate and pytest.
+# Results in $OUT (default /tmp/gpu_check_out): gpu_check.log (everything printed), gpu_tests.xml
+# (pytest's JUnit report) and gpu_bench.json (bench/gpu_bench.py's figures).
 #
 # Steps (each is time-limited; every step runs, and the exit status is non-zero if any failed):
-#   1. install the carried wheels into /tmp/site (pip --no-index; no `pip install -e .`: the checkout
-#      is put on PYTHONPATH, so `import snaketune` and `python -m snaketune.cli` work);
+#   1. install the wheels of .whl/ into /tmp/site (pip --no-index; no `pip install -e .`: the
+#      checkout is put on PYTHONPATH, so `import snaketune` and `python -m snaketune.cli` work);
 #   2. nvidia-smi, versions, and a preflight: CUDA visible, a bitsandbytes NF4 layer runs on the GPU,
 #      DeepSpeed picks its CUDA accelerator;
 #   3. pytest -m gpu tests/test_gpu.py -x   (NF4 + bf16 on CUDA, training by hand, SIGKILL + resume
@@ -55,7 +57,7 @@ install_wheels() {
     return 0
   fi
   if ! compgen -G ".whl/*.whl" >/dev/null; then
-    echo "no .whl/*.whl here: run bash bench/gpu_wheels.sh on the CPU machine and pass carry=[\".whl\"]"
+    echo "no .whl/*.whl here: run bash bench/gpu_wheels.sh on a machine with PyPI and copy .whl/ here"
     return 1
   fi
   ls -l .whl/

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# snaketune vs Hugging Face Trainer + PEFT on ONE GPU, in one command for the GPU machine (no network).
+# snaketune vs Hugging Face Trainer + PEFT on ONE GPU, in one command, no internet needed (about 6
+# minutes on one H100): both arms on a random-weight InternLM2-chat-1.8B-shaped model, 2048-token
+# packed rows, bf16 compute, CUDA NF4 (bench/trainer_vs_hf.py --gpu); tokens/s, peak GPU memory, MFU.
 #
-# Here, on the CPU machine (needs PyPI), once per session:
-#     bash bench/gpu_wheels.sh          # bitsandbytes, deepspeed, pydantic, ... into .whl/
-# Then through the device tool (about 6 minutes on one H100; leaves time for a rerun of 15):
-#     run(command="bash bench/gpu_trainer_vs_hf.sh", carry=[".whl"], timeout_s=560)
-# What comes back under $OUT: trainer_vs_hf_gpu.json (bench/trainer_vs_hf.py --gpu: both arms on a
-# random-weight InternLM2-chat-1.8B-shaped model, 2048-token packed rows, bf16 compute, CUDA NF4;
-# tokens/s, peak GPU memory, MFU, the card) and trainer_vs_hf_gpu.log (everything printed).
+# On a machine with PyPI, fetch the wheels the GPU machine lacks; copy the checkout with .whl/ to
+# the GPU machine; run this there:
+#     bash bench/gpu_wheels.sh                        # on the machine with PyPI: .whl/
+#     OUT=gpu_out bash bench/gpu_trainer_vs_hf.sh     # on the GPU machine
+# Results in $OUT (default /tmp/gpu_trainer_vs_hf_out): trainer_vs_hf_gpu.json (both arms, the
+# card) and trainer_vs_hf_gpu.log (everything printed). RUNS (default 3) runs per arm, STEPS
+# (default 8) optimizer steps each.
 #
 # Dry run on a machine without a GPU (tiny shapes, the venv's packages, nothing installed):
 #     GPU_CHECK_CPU=1 PYTHON=.venv/bin/python OUT=/tmp/gpu_vs bash bench/gpu_trainer_vs_hf.sh
@@ -31,7 +33,7 @@ main() {
     return
   fi
   if ! compgen -G ".whl/*.whl" >/dev/null; then
-    echo "no .whl/*.whl here: run bash bench/gpu_wheels.sh on the CPU machine and pass carry=[\".whl\"]"
+    echo "no .whl/*.whl here: run bash bench/gpu_wheels.sh on a machine with PyPI and copy .whl/ here"
     return 1
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Fetch, HERE (the CPU machine, with PyPI), the wheels the GPU machine lacks, into .whl/ at the
-# repository root; bench/gpu_check.sh installs them THERE (no network) with pip --no-index.
+# Fetch the wheels a GPU machine without internet lacks, into .whl/ at the repository root; run
+# this on a machine with PyPI, copy the checkout with .whl/ to the GPU machine, and there
+# bench/gpu_check.sh (or bench/gpu_trainer_vs_hf.sh) installs them with pip --no-index:
 #
-#   bash bench/gpu_wheels.sh          # then: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   bash bench/gpu_wheels.sh                    # here: .whl/
+#   OUT=gpu_out bash bench/gpu_check.sh         # on the GPU machine
 #
-# Target: CPython 3.12, manylinux x86_64 (the GPU image: torch 2.11+cu130, transformers 5.17, peft,
-# accelerate, safetensors, sentencepiece, pyyaml, numpy, msgpack, ninja, py-cpuinfo, psutil, einops,
-# tqdm, packaging, pytest already there; see /work/.library/device/KINDS.md). Missing there:
-#   bitsandbytes  (NF4 layers)                       binary wheel, 41 MiB as published; trimmed
-#                                                    here to ~2 MiB (see below)
+# Target: CPython 3.12, manylinux x86_64, a GPU machine whose Python already has torch (a CUDA 13.0
+# build), transformers, peft, accelerate, safetensors, sentencepiece, pyyaml, numpy, msgpack, ninja,
+# py-cpuinfo, psutil, einops, tqdm, packaging and pytest. Fetched for it:
+#   bitsandbytes  (NF4 layers)                       binary wheel, trimmed to the CPU and CUDA 13.0
+#                                                    libraries (see below)
 #   deepspeed     (ZeRO-2 engine)                    built here from its sdist: pure Python
 #   hjson, pydantic, pydantic-core, annotated-types,
-#   typing-inspection                                deepspeed's runtime needs that the image lacks
-#   typing-extensions                                pydantic 2.14 needs >= 4.16 (the image's may be older)
-# Not carried: snakemake (dozens of deps). The GPU check drives `snaketune train` by hand;
+#   typing-inspection                                deepspeed's runtime needs
+#   typing-extensions                                pydantic 2.14 needs >= 4.16 (an image's may be older)
+# Not fetched: snakemake (dozens of deps). The GPU check drives `snaketune train` by hand;
 # snaketune.cli imports snakemake.utils.validate only to check the config against
 # config/schema.yaml, and tests/test_gpu.py supplies a no-op stand-in where snakemake is missing.
 #
-# The versions are the ones pinned in requirements.txt / installed in .venv (one version of
-# each: two of the same package stop the install there). The whole working tree that travels
-# must stay under 64 MiB, so this fails above LIMIT_MIB (default 55).
+# The versions are the ones pinned in requirements.txt (one version of each: two of the same
+# package stop the install there). .whl/ must stay small enough to copy with the checkout: this
+# fails above LIMIT_MIB (default 55).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +33,7 @@ fi
 LIMIT_MIB=${LIMIT_MIB:-55}
 DEST=.whl
 
-# Keep .whl/ out of git (and out of the tracked tree) but let the device tool carry it.
+# Keep .whl/ out of git (and out of the tracked tree); it is copied beside the checkout.
 mkdir -p .git/info
 touch .git/info/exclude
 grep -qxF '/.whl/' .git/info/exclude || echo '/.whl/' >>.git/info/exclude
@@ -57,9 +59,8 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-binary 
 # ships the native library for the GPU machine's CUDA 13.0 build of torch. Then the
 # bitsandbytes wheel is trimmed to the native libraries the GPU machine can load (CPU and
 # CUDA $BNB_CUDA, default 130: torch 2.11+cu130 makes bitsandbytes load
-# libbitsandbytes_cuda130.so): the published wheel carries ~125 MB of libraries for other CUDA,
-# ROCm and XPU versions, which would leave the tracked tree (~17 MB, the tiny model fixture)
-# only ~1 MiB under the 64 MiB limit. Same file name and version; only those .so files and
+# libbitsandbytes_cuda130.so): the published wheel also carries libraries for other CUDA, ROCm
+# and XPU versions, which the GPU machine never loads. Same file name and version; only those .so files and
 # their RECORD rows are dropped, the kept files are byte-identical.
 BNB_CUDA=${BNB_CUDA:-130} "$PY" - "$DEST" <<'EOF'
 import os, re, sys, zipfile
@@ -112,13 +113,13 @@ for f in "$DEST"/*.whl; do
 done
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 mib=$(( (total + 1048575) / 1048576 ))
-echo "total: $(awk -v b="$total" 'BEGIN {printf "%.1f", b / 1048576}') MiB (limit ${LIMIT_MIB} MiB; the whole travelling tree must stay under 64 MiB)"
+echo "total: $(awk -v b="$total" 'BEGIN {printf "%.1f", b / 1048576}') MiB (limit ${LIMIT_MIB} MiB)"
 if (( mib > LIMIT_MIB )); then
   echo "error: $DEST is over ${LIMIT_MIB} MiB" >&2
   exit 1
 fi
 if git check-ignore -q "$DEST/x.whl"; then
-  echo "$DEST/ is ignored by git (.git/info/exclude): carry it with carry=[\".whl\"]"
+  echo "$DEST/ is ignored by git (.git/info/exclude): copy it to the GPU machine with the checkout"
 else
   echo "error: $DEST/ is not ignored by git" >&2
   exit 1

@@ -2,7 +2,7 @@
 
 Run after the default workflow (it needs its model and data):
     snakemake --cores all final_model && python bench/packing.py
-Writes bench/results/packing.json and prints a Markdown table for the README.
+Writes bench/results/packing.json and prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations

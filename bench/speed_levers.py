@@ -17,7 +17,7 @@ median over rounds), real tokens/s, padding share, and the speed-up over ``befor
     python bench/speed_levers.py                 # after the default workflow made its model and data
     python bench/speed_levers.py --rounds 3 --data results/data/generated/self_cognition.json
 
-Writes bench/results/speed_levers.json and prints a Markdown table for the README.
+Writes bench/results/speed_levers.json and prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ loss on all training samples (both arms computed the same way after training: th
     python bench/trainer_vs_hf.py --gpu --tiny --runs 1   # the GPU mode's code path on any machine
 
 Writes bench/results/trainer_vs_hf.json (``--gpu``: trainer_vs_hf_gpu.json; under $OUT when set)
-and prints a Markdown table for the README.
+and prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
