@@ -1,4 +1,4 @@
-"""Bad input and faults: the regression catalogue (README, "Bad input and faults").
+"""Bad input and faults: the regression catalogue (docs/faults.md).
 
 Each test is one case a hostile but fair user tried: a malicious or damaged
 checkpoint, an unsafe name, a diverged training, a rerun that should retrain,
@@ -23,9 +23,9 @@ from snaketune.data import DataError, read_records
 from snaketune.export import NonFiniteWeights, check_adapter, merge, pth_to_hf, read_lora_state
 from snaketune.provenance import model_hash, sha256_file
 
-from .conftest import ROOT, TINY_BASE, XTUNER, copy_workflow, run_cli
+from .conftest import TINY_BASE, XTUNER, copy_workflow, run_cli
 from .test_train import forget_the_end, train_cmd
-from .test_workflow import SNAKEMAKE, TINY_CONFIG, planned_rules, snakemake
+from .test_workflow import TINY_CONFIG, snakemake
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
@@ -309,45 +309,11 @@ def test_model_needing_hub_code_names_the_setting(tmp_path):
         load_tokenizer(model)
 
 
-def _readme_snakemake_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    commands = []
-    for block in readme.split("```bash\n")[1:]:
-        text = block.split("```", 1)[0].replace("\\\n", " ")
-        for line in text.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line.startswith("snakemake "):
-                commands.append(line)
-    return commands
-
-
-def test_every_readme_snakemake_command_runs_as_printed(tmp_path):
-    """Every `snakemake` command of the README, exactly as printed, as a dry run (-n): none fails to
-    parse or to plan (the cluster examples once lost their target to --set-resources)."""
-    import shlex
-
-    from .test_workflow import conda_on_path
-
-    wd = copy_workflow(tmp_path / "wf")
-    env = conda_on_path(tmp_path)  # --sdm conda asks conda about itself first, even in a dry run
-    commands = _readme_snakemake_commands()
-    assert len(commands) >= 8
-    for command in commands:
-        argv = shlex.split(command)[1:]
-        if "--report" in argv or "--conda-create-envs-only" in argv:
-            # not plans: one reports on a finished run (test_workflow.py::test_report_...), the other
-            # creates conda envs even with -n (the env files: test_envs.py and test_containerize...)
-            continue
-        res = subprocess.run([*SNAKEMAKE, *argv, "-n"], cwd=wd, capture_output=True, text=True, env=env)
-        assert res.returncode == 0, f"{command}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
-        assert "final_model" in planned_rules(res), command
-
-
-# ---------------------------------------------------------------- README claims that had no test
+# ---------------------------------------------------------------- documented claims that had no test
 
 
 def test_checkpoints_of_other_data_model_or_rank_count_are_set_aside(trained, tmp_path):
-    """README, "Exact resume": checkpoints made from other data, another model or another rank count
+    """docs/workflow.md, "Exact resume": checkpoints made from other data, another model or another rank count
     are never resumed; they move to superseded/ and training starts from iteration 0."""
     from .conftest import unequal_data
 

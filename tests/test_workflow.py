@@ -144,7 +144,7 @@ def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
 
 
 def test_editing_a_script_comment_does_not_retrain(finished, tmp_path):
-    """Both profiles leave `code` out of the rerun triggers (README: "What re-runs")."""
+    """Both profiles leave `code` out of the rerun triggers (docs/workflow.md: "What re-runs")."""
     profiles = [yaml.safe_load((ROOT / f"profiles/{p}/config.yaml").read_text()) for p in ("default", "slurm")]
     assert profiles[0]["rerun-triggers"] == profiles[1]["rerun-triggers"] == ["mtime", "params", "input",
                                                                               "software-env"]
@@ -350,30 +350,3 @@ def test_provenance_records_what_the_model_was_made_from(finished):
     assert len(prov["model"]["sha256"]) == 64
     head = subprocess.run(["git", "-C", str(finished), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert prov["workflow"] == {"commit": head.stdout.strip(), "dirty": False}  # the clone's own commit
-
-
-def _readme_block_after(heading: str) -> str:
-    """The first ```bash block after a README heading, continuation lines joined."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
-    return block.replace("\\\n", " ")
-
-
-def test_preset_commands_plan_every_step_as_printed(tmp_path):
-    """Each preset's header command and the README's preset command, exactly as printed, as a dry
-    run: every step is planned (an earlier README put the target after --configfile, which took it
-    for a config file)."""
-    import shlex
-
-    wd = copy_workflow(tmp_path / "wf")
-    readme = [line for line in _readme_block_after("### XTuner's presets on a GPU").splitlines()
-              if line.startswith("snakemake ")]
-    headers = [p.read_text().splitlines()[1].lstrip("# ").strip() for p in sorted((wd / "config/presets").glob("*.yaml"))]
-    assert len(readme) == 1 and len(headers) == 3
-    for command in readme + headers:
-        argv = shlex.split(command)
-        assert argv[0] == "snakemake"
-        res = subprocess.run([*SNAKEMAKE, *argv[1:], "-n"], cwd=wd, capture_output=True, text=True)
-        assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
-        assert planned_rules(res) == {"fetch_model", "convert_data", "check_data", "train", "pth_to_hf", "merge",
-                                      "evaluate", "report_experiment", "final_model"}, command
