@@ -66,15 +66,15 @@ class Switches:
         self.shared = {layer: SharedDropout(d.p, memo) for layer, d in self.dropouts.items()}
 
     def apply(self, v: dict) -> None:
-        from snaketune import train
+        from snaketune import losses
         from snaketune.model import enable_gradient_checkpointing
 
-        base = train.unwrap(self.engine)
+        base = losses.unwrap(self.engine)
         if v["checkpointing"]:
             enable_gradient_checkpointing(self.engine.module)
         else:
             base.gradient_checkpointing_disable()
-        train.accepts_logits_to_keep = ACCEPTS if v["supervised_head"] else (lambda model: False)
+        losses.accepts_logits_to_keep = ACCEPTS if v["supervised_head"] else (lambda model: False)
         self.engine.optimizer.optimizer.param_groups[0]["fused"] = v["fused_adamw"]
         for layer, dropout in self.dropouts.items():
             layer.lora_dropout["default"] = (self.shared[layer] if v["dropout"] == "shared" else
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from snaketune import train
+    from snaketune import batching, losses, train
     from snaketune.config import TrainConfig
     from snaketune.model import load_tokenizer
     from trainer_vs_hf import busiest_processes, cpu_model, experiment_workload, load_average
 
-    ACCEPTS = train.accepts_logits_to_keep
+    ACCEPTS = losses.accepts_logits_to_keep
     workload = experiment_workload(args, None)
     cfg = replace(TrainConfig.from_dict(workload["train"]), gradient_checkpointing=False)
     device = train.setup_distributed(args.threads)
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, v in todo.items():
             switches.apply(v)
             vcfg = replace(cfg, group_by_length=v["group_by_length"])
-            batches = train.Batches(plan, vcfg, tokenizer.pad_token_id, 0, 1, vcfg.batch_size)  # whole micro-batches
+            batches = batching.Batches(plan.rows, plan.iters_per_epoch, vcfg, tokenizer.pad_token_id, 0, 1,
+                                         vcfg.batch_size)  # whole micro-batches
             load = load_average()
             t0 = time.perf_counter()
             tokens = real = 0

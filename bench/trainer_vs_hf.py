@@ -98,7 +98,7 @@ def busiest_processes(n: int = 4) -> list[str]:
 
 def encoded_samples(data_file: Path, tokenizer, cfg):
     from snaketune.data import read_records
-    from snaketune.train import encode_dataset
+    from snaketune.batching import encode_dataset
 
     samples, _ = encode_dataset(read_records(data_file), tokenizer, cfg)
     return samples
@@ -107,7 +107,7 @@ def encoded_samples(data_file: Path, tokenizer, cfg):
 def hf_rows(spec: dict, tokenizer, cfg) -> list[dict]:
     """The samples the HF arm trains on: snaketune's encoding; with packing, snaketune's packed rows
     (position ids restart per sample: transformers then attends block-diagonally, as in snaketune)."""
-    from snaketune.train import as_rows, pack
+    from snaketune.batching import as_rows, pack
 
     samples = encoded_samples(Path(spec["data_file"]), tokenizer, cfg)
     rows = pack(samples, cfg.max_length, cfg.seed) if cfg.pack_to_max_length else as_rows(samples)
@@ -149,7 +149,7 @@ def run_snaketune(spec: dict) -> dict:
     import torch
 
     from snaketune.config import TrainConfig
-    from snaketune.export import read_lora_state
+    from snaketune.lora_state import read_lora_state
     from snaketune import train as snaketune_train
     from snaketune.model import load_for_training, load_tokenizer
     from snaketune.train import train

@@ -27,16 +27,12 @@ from typing import Any, TextIO
 import torch
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from .config import ConfigError
+from .errors import ConfigError, ConversationTooLong
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
 from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, nf4_config, pick_device
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
 Turn = dict[str, Any]
-
-class ConversationTooLong(ValueError):
-    """The conversation fills the model's context: /reset it."""
-
 
 COMMANDS = "/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to continue on the next"
 

@@ -8,9 +8,8 @@ The marker records the run's fingerprint (settings, data, model, ranks), so a
 checkpoint of another run definition is set aside, never resumed, and the
 SHA-256 of every file, verified before a checkpoint is resumed or converted:
 a checkpoint that changed since it was written is moved aside and the one
-before it is used. Checkpoint files are untrusted input: they are unpickled
-with ``torch.load(weights_only=True)`` and the three DeepSpeed classes its
-optimizer state holds, so nothing in them can run code; symbolic links are
+before it is used. Checkpoint files are untrusted input: they are read by
+:mod:`snaketune.safe_pickle`, so nothing in them can run code; symbolic links are
 refused (a rerun would otherwise resume, and prune, outside the work directory).
 
 ``runs.jsonl`` is the progress record: one line per start of the training
@@ -32,7 +31,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import TrainConfig
+from .errors import CheckpointError, UnsafeCheckpoint
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
+from .safe_pickle import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ RUNS = "runs.jsonl"
 # made under other values of these still resumes.
 NOT_IN_FINGERPRINT = {"save_steps", "save_total_limit", "evaluation_freq", "evaluation_inputs",
                       "evaluation_max_new_tokens", "SYSTEM"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
-
-
-class UnsafeCheckpoint(CheckpointError):
-    """A checkpoint file that asks to run code (or import anything but tensors and plain data)."""
 
 
 def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int) -> str:
@@ -233,32 +226,6 @@ def save(engine, work_dir: Path, iteration: int, *, fingerprint: str, keep: int)
             shutil.rmtree(old)
         log.info("saved %s", work_dir / tag)
     dist.barrier()
-
-
-# What DeepSpeed pickles beside tensors into a ZeRO-2 optimizer state: plain-data classes.
-DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
-
-
-def safe_load(path: str | os.PathLike, map_location=None):
-    """``torch.load`` of a checkpoint file that refuses anything but tensors, plain data and
-    :data:`DEEPSPEED_GLOBALS` (``weights_only``): no file can run code on resume."""
-    import importlib
-    import pickle
-
-    import torch
-
-    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeCheckpoint(f"{path}: refused to load: it holds more than tensors and plain data ({first})") \
-            from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
 def load(engine, ckpt: Path) -> int:

@@ -29,13 +29,10 @@ from typing import Any
 import yaml
 
 from .data import LOSSES
+from .errors import ConfigError
 
 # Names become directory names: no separators, no "." or "..".
 NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
-
-
-class ConfigError(ValueError):
-    """A config problem, naming the key path (``experiments.identity.train.lr``) and the fix."""
 
 
 # ---------------------------------------------------------------- sections
@@ -159,7 +156,7 @@ class TrainConfig(Section):
     # loading the model (snaketune.model.activation_bytes, train.fit_to_memory); true / false force it.
     gradient_checkpointing: bool | str = "auto"
     # Micro-batches of similar lengths (less padding); the samples of each optimizer step stay
-    # independent of how the global batch is split into ranks and accumulation (train.epoch_order).
+    # independent of how the global batch is split into ranks and accumulation (batching.epoch_order).
     group_by_length: bool = False
     # Rows per forward/backward pass: each micro-batch runs as passes of this many rows, sorted by
     # length, each padded to its own longest row; the loss is still normalised by the whole window's

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
 from .files import write_json, write_jsonl
 
 Record = dict[str, Any]
@@ -27,19 +28,6 @@ Record = dict[str, Any]
 # part with loss: kl; snaketune.train distils the base model's next-token distribution there).
 LOSS_KEY = "loss"
 LOSSES = ("ce", "kl")  # also what a mixture part's loss may be (config.DatasetPart.loss)
-
-
-class DataError(ValueError):
-    """A malformed record: says which file, which record, which field, and the fix."""
-
-    def __init__(self, path: str | os.PathLike, index: int | None, field: str | None, problem: str, fix: str):
-        where = str(path)
-        if index is not None:
-            where += f", record {index}"
-        if field is not None:
-            where += f", field '{field}'"
-        super().__init__(f"{where}: {problem}. Fix: {fix}")
-        self.path, self.index, self.field = str(path), index, field
 
 
 # ---------------------------------------------------------------- reading

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .config import ConfigError, Experiment, Layout, dataset_file
-from .data import CONVERTERS, GENERATORS, DataError, load_hub_dataset, read_records, validate_conversation
+from .config import Experiment, Layout, dataset_file
+from .data import CONVERTERS, GENERATORS, load_hub_dataset, read_records, validate_conversation
+from .errors import ConfigError, DataError
 from .encoding import IGNORE_INDEX, Encoded, encode_conversation
 
 PRESETS = Path(__file__).resolve().parents[1] / "config" / "presets"

@@ -20,13 +20,10 @@ from typing import Any
 
 from . import metrics
 from .config import EvaluationConfig
+from .errors import CheckFailed
 from .generation import answer_nll, generate_answers
 
 log = logging.getLogger(__name__)
-
-
-class CheckFailed(RuntimeError):
-    pass
 
 
 def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
@@ -35,56 +32,18 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
              out_jsonl: str | os.PathLike, out_md: str | os.PathLike, out_summary: str | os.PathLike) -> dict:
     """Answer, measure, write ``out_jsonl`` (one row per prompt), ``out_md`` and ``out_summary``
     (the metrics), then fail if an export check or a configured threshold is not met."""
-    from transformers import AutoModelForCausalLM
-
     from . import evalsets
     from .data import write_records
     from .files import write_json, write_text
-    from .model import load_base, load_peft_model, load_tokenizer
 
     questions = evalsets.load(evaluation.general_questions, split="eval") if evaluation.general_questions else []
     seen = {metrics.normalise(p) for p in trained_prompts}
-    leaked = [q.question for q in questions if metrics.normalise(q.question) in seen]
-    if leaked:  # checked before any model is loaded: a contaminated measure is no measure
-        raise CheckFailed(f"{len(leaked)} evaluation-only question(s) of {evaluation.general_questions} are in the "
-                          f"training data: {leaked[:5]}. Remove those records from the training data "
-                          "(evaluation-only questions must never be trained on)")
-    tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    ask = dict(system=system, batch_size=evaluation.batch_size)
-    identity = dict(ask, max_new_tokens=evaluation.max_new_tokens)
-    general = dict(ask, max_new_tokens=evaluation.general_max_new_tokens)
-    prompts, general_prompts = evaluation.prompts, [q.question for q in questions]
-
-    peft_model = load_peft_model(load_base(base_dir, "float32", trust_remote_code), adapter_dir)
-    with peft_model.disable_adapter():
-        base = generate_answers(peft_model, tokenizer, template, prompts, **identity)
-        base_general = generate_answers(peft_model, tokenizer, template, general_prompts, **general)
-        base_nll = answer_nll(peft_model, tokenizer, template, base_general, **ask)
-    adapted = generate_answers(peft_model, tokenizer, template, prompts, **identity)
-    del peft_model
-    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32", device_map="cpu",
-                                                        trust_remote_code=trust_remote_code)
-    merged = generate_answers(merged_model, tokenizer, template, prompts, **identity)
-    merged_general = generate_answers(merged_model, tokenizer, template, general_prompts, **general)
-    merged_nll = answer_nll(merged_model, tokenizer, template, base_general, **ask)
-    del merged_model
-
+    refuse_leaked(questions, seen, evaluation)
+    answers = answer_both(base_dir, adapter_dir, merged_dir, evaluation, questions, template=template,
+                          system=system, trust_remote_code=trust_remote_code)
     keywords = evaluation.identity_keywords
-    identity_rows = [{"set": "identity", "prompt": b.prompt, "in_training_data": metrics.normalise(b.prompt) in seen,
-                      "base": b.answer, "finetuned": m.answer, "base_plus_adapter": a.answer,
-                      "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens,
-                      "base_claims_identity": metrics.claims_identity(b.answer, keywords),
-                      "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords)}
-                     for b, a, m in zip(base, adapted, merged)]
-    general_rows = [{"set": "general", "prompt": q.question, "kind": q.kind, "lang": q.lang,
-                     "in_training_data": False, "accepted": list(q.answers), "base": b.answer, "finetuned": m.answer,
-                     "base_correct": metrics.is_correct(b.answer, q.answers),
-                     "finetuned_correct": metrics.is_correct(m.answer, q.answers),
-                     "base_claims_identity": metrics.claims_identity(b.answer, keywords),
-                     "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords),
-                     "answer_tokens": bn[1], "base_nll": bn[0], "finetuned_nll": mn[0],
-                     "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens}
-                    for q, b, m, bn, mn in zip(questions, base_general, merged_general, base_nll, merged_nll)]
+    identity_rows = identity_table(answers, seen, keywords)
+    general_rows = general_table(questions, answers, keywords)
     summary: dict[str, Any] = metrics.summarize(identity_rows, general_rows)
     summary["thresholds"] = metrics.check_thresholds(
         metrics.headline(summary), {t.setting: getattr(evaluation, t.setting) for t in metrics.THRESHOLDS})
@@ -94,7 +53,76 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
     write_text(out_md, table)
     write_json(out_summary, summary)
     log.info("evaluation: %s", {k: v for k, v in metrics.headline(summary).items()})
+    problems = check_problems(identity_rows, summary, evaluation)
+    if problems:
+        # Snakemake deletes the outputs of a failed job: keep the answers and metrics in the log.
+        log.error("the evaluation:\n%s", table)
+        raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems))
+    return summary
 
+
+def refuse_leaked(questions: list, seen: set[str], evaluation: EvaluationConfig) -> None:
+    """Checked before any model is loaded: a contaminated measure is no measure."""
+    leaked = [q.question for q in questions if metrics.normalise(q.question) in seen]
+    if leaked:
+        raise CheckFailed(f"{len(leaked)} evaluation-only question(s) of {evaluation.general_questions} are in the "
+                          f"training data: {leaked[:5]}. Remove those records from the training data "
+                          "(evaluation-only questions must never be trained on)")
+
+
+def answer_both(base_dir, adapter_dir, merged_dir, evaluation: EvaluationConfig, questions: list, *,
+                template: str, system: str, trust_remote_code: bool) -> dict[str, list]:
+    """Every answer the evaluation compares: the base model's (the adapter turned off), base +
+    adapter's and the merged model's; one model in memory at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import load_base, load_peft_model, load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    ask = dict(system=system, batch_size=evaluation.batch_size)
+    identity = dict(ask, max_new_tokens=evaluation.max_new_tokens)
+    general = dict(ask, max_new_tokens=evaluation.general_max_new_tokens)
+    prompts, general_prompts = evaluation.prompts, [q.question for q in questions]
+    out = {}
+    peft_model = load_peft_model(load_base(base_dir, "float32", trust_remote_code), adapter_dir)
+    with peft_model.disable_adapter():
+        out["base"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
+        out["base_general"] = generate_answers(peft_model, tokenizer, template, general_prompts, **general)
+        out["base_nll"] = answer_nll(peft_model, tokenizer, template, out["base_general"], **ask)
+    out["adapted"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
+    del peft_model
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32", device_map="cpu",
+                                                        trust_remote_code=trust_remote_code)
+    out["merged"] = generate_answers(merged_model, tokenizer, template, prompts, **identity)
+    out["merged_general"] = generate_answers(merged_model, tokenizer, template, general_prompts, **general)
+    out["merged_nll"] = answer_nll(merged_model, tokenizer, template, out["base_general"], **ask)
+    return out
+
+
+def identity_table(answers: dict[str, list], seen: set[str], keywords) -> list[dict]:
+    return [{"set": "identity", "prompt": b.prompt, "in_training_data": metrics.normalise(b.prompt) in seen,
+             "base": b.answer, "finetuned": m.answer, "base_plus_adapter": a.answer,
+             "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens,
+             "base_claims_identity": metrics.claims_identity(b.answer, keywords),
+             "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords)}
+            for b, a, m in zip(answers["base"], answers["adapted"], answers["merged"])]
+
+
+def general_table(questions: list, answers: dict[str, list], keywords) -> list[dict]:
+    return [{"set": "general", "prompt": q.question, "kind": q.kind, "lang": q.lang,
+             "in_training_data": False, "accepted": list(q.answers), "base": b.answer, "finetuned": m.answer,
+             "base_correct": metrics.is_correct(b.answer, q.answers),
+             "finetuned_correct": metrics.is_correct(m.answer, q.answers),
+             "base_claims_identity": metrics.claims_identity(b.answer, keywords),
+             "finetuned_claims_identity": metrics.claims_identity(m.answer, keywords),
+             "answer_tokens": bn[1], "base_nll": bn[0], "finetuned_nll": mn[0],
+             "finetuned_stopped": m.stopped, "finetuned_new_tokens": m.new_tokens}
+            for q, b, m, bn, mn in zip(questions, answers["base_general"], answers["merged_general"],
+                                       answers["base_nll"], answers["merged_nll"])]
+
+
+def check_problems(identity_rows: list[dict], summary: dict, evaluation: EvaluationConfig) -> list[str]:
+    """The export check (merged model == base + adapter), stopping, and the configured thresholds."""
     problems = [f"merged model and base + adapter disagree on {r['prompt']!r}: {r['finetuned']!r} vs "
                 f"{r['base_plus_adapter']!r}" for r in identity_rows if r["finetuned"] != r["base_plus_adapter"]]
     if evaluation.require_stop:
@@ -102,11 +130,7 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
                      f"max_new_tokens={evaluation.max_new_tokens} without the template's stop word (check the "
                      "template and that the suffix was trained)" for r in identity_rows if not r["finetuned_stopped"]]
     problems += [t["message"] for t in summary["thresholds"] if not t["passed"]]
-    if problems:
-        # Snakemake deletes the outputs of a failed job: keep the answers and metrics in the log.
-        log.error("the evaluation:\n%s", table)
-        raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems))
-    return summary
+    return problems
 
 
 def _cell(text: str) -> str:

@@ -15,15 +15,12 @@ import zipfile
 from pathlib import Path
 
 from .config import ModelConfig
+from .errors import OfflineError
 from .files import atomic_dir
 
 log = logging.getLogger(__name__)
 
 HUB_HOSTS = {"modelscope": "www.modelscope.cn", "huggingface": "huggingface.co"}
-
-
-class OfflineError(RuntimeError):
-    pass
 
 
 def check_reachable(source: str, timeout: float = 5.0) -> None:

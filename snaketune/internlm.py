@@ -367,11 +367,20 @@ def build_tokenizer(
     those pieces in the vocabulary keeps their ids, which the embeddings were
     trained with.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE, Unigram
+    from tokenizers import Tokenizer
 
     if spm.treat_whitespace_as_suffix or not spm.escape_whitespaces:
         raise ValueError(f"{where}: whitespace handling (suffix or unescaped) is not supported")
+    names, declared = _named_pieces(spm, tokenizer_config, where)
+    tokenizer = Tokenizer(_tokenizer_model(spm, names, declared, where))
+    _set_normalizer_and_decoder(tokenizer, spm)
+    tokenizer.add_tokens(_added_tokens(spm, names, declared))
+    return tokenizer
+
+
+def _named_pieces(spm: SentencePieceModel, tokenizer_config: Mapping[str, Any],
+                  where: str) -> tuple[list[str], dict[int, dict]]:
+    """The pieces' names, with those ``added_tokens_decoder`` renames, and its entries by id."""
     names = [piece for piece, _, _ in spm.pieces]
     declared = {}
     for key, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
@@ -383,21 +392,28 @@ def build_tokenizer(
                              f"{entry['content']!r}")
         names[index] = entry["content"]
         declared[index] = entry
+    return names, declared
+
+
+def _tokenizer_model(spm: SentencePieceModel, names: list[str], declared: dict[int, dict], where: str):
+    from tokenizers.models import BPE, Unigram
 
     if spm.model_type == _UNIGRAM:
         scores = [(name, score) for name, (_, score, _) in zip(names, spm.pieces)]
-        model = Unigram(scores, unk_id=spm.unk_id, byte_fallback=spm.byte_fallback)
-    elif spm.model_type == _BPE:
-        model = BPE(
+        return Unigram(scores, unk_id=spm.unk_id, byte_fallback=spm.byte_fallback)
+    if spm.model_type == _BPE:
+        return BPE(
             vocab={name: i for i, name in enumerate(names)},
             merges=_bpe_merges(spm, set(declared)),
             unk_token=names[spm.unk_id],
             fuse_unk=True,
             byte_fallback=spm.byte_fallback,
         )
-    else:
-        raise ValueError(f"{where}: sentencepiece model type {spm.model_type} is neither unigram nor BPE")
-    tokenizer = Tokenizer(model)
+    raise ValueError(f"{where}: sentencepiece model type {spm.model_type} is neither unigram nor BPE")
+
+
+def _set_normalizer_and_decoder(tokenizer: Tokenizer, spm: SentencePieceModel) -> None:
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
     steps = []
     if spm.precompiled_charsmap:
@@ -421,7 +437,11 @@ def build_tokenizer(
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tokenizer.decoder = decoders.Sequence(steps)
 
-    # Pieces sentencepiece matches whole (user-defined) or never from text (control) become added tokens.
+
+def _added_tokens(spm: SentencePieceModel, names: list[str], declared: dict[int, dict]) -> list:
+    """Pieces sentencepiece matches whole (user-defined) or never from text (control) become added tokens."""
+    from tokenizers import AddedToken
+
     added = []
     for index, (name, (_, _, kind)) in enumerate(zip(names, spm.pieces)):
         entry = declared.get(index)
@@ -431,8 +451,7 @@ def build_tokenizer(
                                     single_word=entry.get("single_word", False)))
         elif kind in (_CONTROL, _UNKNOWN, _USER_DEFINED):
             added.append(AddedToken(name, special=kind != _USER_DEFINED, normalized=False))
-    tokenizer.add_tokens(added)
-    return tokenizer
+    return added
 
 
 def _bpe_merges(spm: SentencePieceModel, renamed: set[int]) -> list[tuple[str, str]]:

@@ -1,8 +1,9 @@
 """Logging for a step: to its job's log file (rank 0) and stderr, failures included.
 
 Snakemake points a failing job's user at its log file, so the error goes
-there: one clear line for the errors snaketune raises on purpose (bad data,
-bad config, no network, a failed check), the full traceback for anything else.
+there: one clear line and its hint for the errors snaketune raises on purpose
+(:class:`~snaketune.errors.SnaketuneError`: bad data, bad config, no network,
+a failed check), the full traceback for anything else.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from .dist import rank
+from .errors import SnaketuneError
+
 log = logging.getLogger("snaketune")
 
 
 def setup(log_file: str | None) -> None:
     """Rank 0 (or a lone process) logs to the file; other ranks print warnings only."""
-    from .launch import rank
-
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank() != 0:
         logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
@@ -33,18 +35,14 @@ def setup(log_file: str | None) -> None:
     logging.captureWarnings(True)
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says all a user needs: no traceback for these."""
-    from .checkpoints import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .evaluate import CheckFailed
-    from .export import NonFiniteWeights
-    from .fetch import OfflineError
-    from .train import TrainingDiverged
+# Errors of the user's making outside snaketune's own: their message names the path.
+EXPECTED_OS_ERRORS = (FileNotFoundError, FileExistsError)
 
-    return (ConfigError, DataError, CheckFailed, OfflineError, CheckpointError, TrainingDiverged, NonFiniteWeights,
-            FileNotFoundError, FileExistsError)
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line, plus the hint of an error that carries one."""
+    text = err.one_line() if isinstance(err, SnaketuneError) else str(err)
+    return f"{type(err).__name__}: {text}"
 
 
 @contextlib.contextmanager
@@ -53,8 +51,8 @@ def job(log_file: str | None) -> Iterator[None]:
     setup(log_file)
     try:
         yield
-    except expected_errors() as err:
-        log.error("%s: %s", type(err).__name__, err)
+    except (SnaketuneError, *EXPECTED_OS_ERRORS) as err:
+        log.error("%s", one_line(err))
         logging.shutdown()
         raise SystemExit(1) from None
     except Exception:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .adapter import ADAPTER_INDEX, check_finite, lora_kwargs, read_adapter_weights
 from .config import LoraConfig
 
 
@@ -16,7 +17,7 @@ def pick_device() -> str:
 
 
 def compute_dtype(device: str):
-    """bf16 where the GPU has it; fp32 on CPU, where bf16 is ~5x slower (no native bf16)."""
+    """bf16 where the GPU has it; fp32 on CPU, where bf16 is much slower (no native bf16; docs/benchmarks.md)."""
     import torch
 
     if device == "cuda":
@@ -30,7 +31,7 @@ def check_remote_code(model_dir: str | os.PathLike, trust_remote_code: bool) -> 
 
     from transformers import CONFIG_MAPPING
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
@@ -151,11 +152,6 @@ def keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_kwargs(lora: LoraConfig) -> dict[str, Any]:
-    """Config keys (XTuner's names) -> ``peft.LoraConfig`` arguments."""
-    return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
-
-
 def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False, *,
               quantization: str = "none"):
     """The base model for inference: unquantised on the CPU (merge and evaluation), or ``nf4`` as
@@ -178,8 +174,6 @@ def load_peft_model(base, adapter_dir: str | os.PathLike):
     """``PeftModel.from_pretrained``, also for an adapter written in several shards; refuses NaN/inf."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-
-    from .export import ADAPTER_INDEX, check_finite, read_adapter_weights
 
     adapter_dir = Path(adapter_dir)
     check_finite(read_adapter_weights(adapter_dir).items(), str(adapter_dir))

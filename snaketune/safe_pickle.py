@@ -1,21 +1,54 @@
-"""Reading checkpoints as untrusted input: an unpickler that imports and runs nothing unexpected.
+"""Every checkpoint file snaketune reads is untrusted input, and is read here: nothing in one runs.
 
-XTuner's checkpoints pickle mmengine objects (``ConfigDict``, the message
-hub's ``HistoryBuffer``), so ``torch.load(weights_only=True)`` refuses them and
-a full ``torch.load`` needs mmengine and would run whatever a file asks for.
-Here tensors, storages, dtypes, ``OrderedDict`` and numpy arrays load as
-usual; classes of the libraries listed in ``PLACEHOLDER_MODULES`` become
-inert placeholders (never imported); everything else is refused.
+Two loaders, one per kind of file:
+
+- :func:`safe_load` (resuming our own training): ``torch.load(weights_only=True)``
+  with the three DeepSpeed classes its optimizer state holds
+  (:data:`DEEPSPEED_GLOBALS`); anything more is refused with
+  :class:`~snaketune.errors.UnsafeCheckpoint`.
+- :func:`load_checkpoint` (converting a checkpoint, ours or XTuner's): XTuner's
+  checkpoints pickle mmengine objects (``ConfigDict``, the message hub's
+  ``HistoryBuffer``), so ``weights_only`` refuses them and a full ``torch.load``
+  needs mmengine and would run whatever a file asks for. Here tensors, storages,
+  dtypes, ``OrderedDict`` and numpy arrays load as usual; classes of the
+  libraries listed in ``PLACEHOLDER_MODULES`` become inert placeholders (never
+  imported); everything else is refused.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
+import os
 import pickle
 import types
 from typing import Any
 
+from .errors import CheckpointError, UnsafeCheckpoint
+
 PLACEHOLDER_MODULES = ("mmengine.", "deepspeed.")
+
+# What DeepSpeed pickles beside tensors into a ZeRO-2 optimizer state: plain-data classes.
+DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+def safe_load(path: str | os.PathLike, map_location=None):
+    """``torch.load`` of a checkpoint file that refuses anything but tensors, plain data and
+    :data:`DEEPSPEED_GLOBALS` (``weights_only``): no file can run code on resume."""
+    import torch
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpoint(f"{path}: refused to load: it holds more than tensors and plain data ({first})") \
+            from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
 class Placeholder(dict):

@@ -1,10 +1,12 @@
 """The QLoRA training recipe: DeepSpeed ZeRO-2, XTuner's schedule, resumable checkpoints.
 
-Read top to bottom: data (encoding, packing, batches), schedule, then the
-recipe: ``setup`` (ranks, tokenizer, data, model, engine), ``resume``,
-``train_window`` (one optimizer step), ``train`` (the loop) and ``finish``.
-Checkpoint files are :mod:`snaketune.checkpoints`' business; provenance and
-the training summary are written by the step that calls :func:`train`.
+Read top to bottom: the schedule, then the recipe: ``setup`` (ranks,
+tokenizer, data, model, engine), ``resume``, ``train_window`` (one optimizer
+step), ``train`` (the loop) and ``finish``. The data's encoding, packing and
+micro-batches are :mod:`snaketune.batching`'s, the loss
+:mod:`snaketune.losses`', checkpoint files :mod:`snaketune.checkpoints`';
+provenance and the training summary are written by the step that calls
+:func:`train`.
 
 Iterations count micro-batches, as in XTuner: ``iter_N.pth``, ``save_steps``
 and ``evaluation_freq`` are in iterations. The optimizer steps once per
@@ -20,245 +22,23 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import checkpoints
+from .batching import Batches, Row, as_rows, encode_dataset, epoch_batches, iters_per_epoch, pack, passes
 from .config import TrainConfig
-from .data import LOSS_KEY
-from .encoding import IGNORE_INDEX, Encoded, encode_conversation
+from .encoding import IGNORE_INDEX
+from .errors import TrainingDiverged
 from .files import append_jsonl, filter_jsonl
 from .generation import as_dicts, generate_answers
 from .launch import malloc_in_use
+from .losses import token_loss_sum, unwrap
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 EVAL_OUTPUTS = "eval_outputs.jsonl"
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class Row:
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
-    kl: list[int] = field(default_factory=list)  # per token, 1 in a sample trained with loss kl; [] when none is
-
-
-@dataclass
-class Sample(Encoded):
-    """An encoded record and its loss: kl distils the base model at its supervised positions."""
-
-    kl: bool = False
-
-
-def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[list[Sample], dict]:
-    """Encode every record; drop those with nothing to learn, as XTuner does; count truncation."""
-    kept, dropped, truncated_samples, truncated_tokens, kl = [], 0, 0, 0, 0
-    for rec in records:
-        enc = encode_conversation(rec["conversation"], tokenizer, cfg.template, cfg.max_length)
-        if all(lab == IGNORE_INDEX for lab in enc.labels):
-            dropped += 1
-            continue
-        if enc.truncated:
-            truncated_samples += 1
-            truncated_tokens += enc.truncated
-        kept.append(Sample(**asdict(enc), kl=rec.get(LOSS_KEY) == "kl"))
-        kl += kept[-1].kl
-    stats = dict(samples=len(kept), dropped_no_labels=dropped, truncated_samples=truncated_samples,
-                 truncated_tokens=truncated_tokens, kl_samples=kl)
-    return kept, stats
-
-
-def pack(samples: list[Encoded], max_length: int, seed: int) -> list[Row]:
-    """Shuffle (seeded) and pack whole samples into rows of at most ``max_length`` tokens.
-
-    Unlike XTuner, a sample is never split across rows and every sample keeps
-    its own position ids, from which the attention mask is made
-    block-diagonal: packed samples do not see each other.
-    """
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    rows: list[Row] = []
-    cur = Row([], [], [])
-    for i in order:
-        smp = samples[i]
-        if cur.input_ids and len(cur.input_ids) + len(smp.input_ids) > max_length:
-            rows.append(cur)
-            cur = Row([], [], [])
-        cur.input_ids += smp.input_ids
-        cur.labels += smp.labels
-        cur.position_ids += list(range(len(smp.input_ids)))
-        cur.kl += [int(getattr(smp, "kl", False))] * len(smp.input_ids)
-    if cur.input_ids:
-        rows.append(cur)
-    for row in rows:
-        row.kl = row.kl if any(row.kl) else []
-    return rows
-
-
-def as_rows(samples: list[Encoded]) -> list[Row]:
-    return [Row(smp.input_ids, smp.labels, list(range(len(smp.input_ids))),
-                [1] * len(smp.input_ids) if getattr(smp, "kl", False) else []) for smp in samples]
-
-
-def collate(rows: list[Row], pad_id: int):
-    """Right-pad; pads get their own position ids so they form a separate (unsupervised) block.
-    Returns ids, labels, position ids and the kl marks (None when no row has a kl sample)."""
-    import torch
-
-    width = max(len(r.input_ids) for r in rows)
-    ids, labels, pos = [], [], []
-    for r in rows:
-        n = width - len(r.input_ids)
-        ids.append(r.input_ids + [pad_id] * n)
-        labels.append(r.labels + [IGNORE_INDEX] * n)
-        pos.append(r.position_ids + list(range(n)))
-    marks = None
-    if any(r.kl for r in rows):
-        marks = torch.tensor([(r.kl or [0] * len(r.input_ids)) + [0] * (width - len(r.input_ids)) for r in rows],
-                             dtype=torch.bool)
-    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks
-
-
-def head_logits(model, ids, position_ids, positions):
-    """The output head's logits at ``positions`` (position t predicts token t + 1), or at every
-    position but the last when ``positions`` is None (a model without ``logits_to_keep``)."""
-    if positions is None:
-        return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
-    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
-    if logits.shape[:2] != (ids.shape[0], len(positions)):
-        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
-                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
-    return logits
-
-
-def base_model_logits(model, ids, position_ids, positions):
-    """The base model's logits: the same forward with the LoRA adapter turned off, without gradients."""
-    import torch
-
-    peft_model = getattr(model, "module", model)  # inside a DeepSpeed engine
-    if not hasattr(peft_model, "disable_adapter"):
-        raise TypeError(f"loss kl distils the base model under the adapter; {type(peft_model).__name__} has none")
-    with torch.no_grad(), peft_model.disable_adapter():
-        return head_logits(peft_model, ids, position_ids, positions)
-
-
-def token_loss_sum(model, ids, labels, position_ids, kl=None):
-    """Summed loss over supervised tokens: cross-entropy, and where ``kl`` marks a sample trained
-    with loss kl, KL(base || model) + KL(model || base) between the model's next-token distribution
-    and the base model's (the adapter turned off) at the same position, summed over the vocabulary.
-
-    No attention mask is passed: transformers then builds a causal mask that is
-    block-diagonal wherever the position ids restart, but only when no KV cache
-    is in play, hence ``use_cache=False`` (with a cache, packed samples would
-    silently attend to each other).
-
-    The output head runs only at the positions whose next token is supervised in
-    some row of the batch (the model's own ``logits_to_keep``, given those positions):
-    the others add nothing to the loss or its gradients, and the full ``tokens x
-    vocab`` logits are never made. With one row per batch (packing) or rows of equal
-    length (``group_by_length``) that is exactly the supervised positions. A model
-    whose forward lacks ``logits_to_keep`` gets the full head.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX  # position t predicts token t + 1
-    # a 1-D index: every transformers version takes it
-    head_at = keep.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
-    logits = head_logits(model, ids, position_ids, head_at)
-    positions = torch.arange(targets.shape[1], device=ids.device) if head_at is None else head_at
-    rows, targets = keep[:, positions], targets[:, positions]
-    distil = rows & kl[:, 1:][:, positions] if kl is not None else None
-    if distil is None or not distil.any():
-        return F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
-    ce = rows & ~distil
-    base = base_model_logits(model, ids, position_ids, head_at)
-    log_p = F.log_softmax(logits[distil].float(), -1)
-    log_base = F.log_softmax(base[distil].float(), -1)
-    # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
-    # keeps the model from saying what the base model would not (a new name in a general answer)
-    return (F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
-            + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum())
-
-
-def unwrap(model):
-    """The transformers model inside a DeepSpeed engine and a PEFT wrapper."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def accepts_logits_to_keep(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
-
-
-# How many optimizer steps' worth of samples are sorted by length together (HF's group_by_length: 50).
-GROUP_STEPS = 64
-
-
-def epoch_order(n_rows: int, epoch: int, cfg: TrainConfig, world: int, lengths: list[int] | None = None) -> list[int]:
-    """All ranks' row indices of ``epoch`` in order; optimizer step k takes the k-th slice of
-    ``batch_size x accumulative_counts x world`` (the global batch) and, within it, rank r every
-    ``world``-th index.
-
-    A seeded permutation per epoch, like mmengine's DefaultSampler. With ``group_by_length`` (and
-    ``lengths``), each run of ``GROUP_STEPS`` global batches of it is sorted by length, cut into
-    global batches, and those are shuffled (seeded); a short remainder stays last. The global batches
-    depend on the global batch size alone, so splitting it differently into ranks and accumulation
-    trains on the same samples per optimizer step; and a micro-batch holds rows of similar length.
-    """
-    import torch
-
-    g = torch.Generator()
-    g.manual_seed(cfg.seed + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    if cfg.group_by_length and lengths is not None:
-        perm = group_by_length(perm, lengths, cfg.batch_size * cfg.accumulative_counts * world, g)
-    total = math.ceil(n_rows / world) * world
-    return (perm * math.ceil(total / n_rows))[:total]
-
-
-def group_by_length(order: list[int], lengths: list[int], global_batch: int, generator) -> list[int]:
-    import torch
-
-    out = []
-    block = global_batch * GROUP_STEPS
-    for start in range(0, len(order), block):
-        ranked = sorted(order[start:start + block], key=lambda i: -lengths[i])  # stable: ties stay shuffled
-        full = len(ranked) // global_batch * global_batch
-        batches = [ranked[i:i + global_batch] for i in range(0, full, global_batch)]
-        for k in torch.randperm(len(batches), generator=generator).tolist():
-            out += batches[k]
-        out += ranked[full:]
-    return out
-
-
-def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int,
-                  lengths: list[int] | None = None) -> list[list[int]]:
-    """Row indices of each of this rank's micro-batches in ``epoch`` (see :func:`epoch_order`):
-    every ``world``-th index of the epoch's order, in batches; the last batch may be short."""
-    mine = epoch_order(n_rows, epoch, cfg, world, lengths)[rank::world]
-    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-
-
-def passes(batch: list[Row], rows: int) -> list[list[Row]]:
-    """A micro-batch's forward/backward passes: its rows sorted by length, ``rows`` at a time (each
-    pass is padded to its own longest row), or the batch as it is when one pass takes it all."""
-    if rows >= len(batch):
-        return [batch]
-    ranked = sorted(batch, key=lambda r: len(r.input_ids))  # stable: a resumed run cuts the same passes
-    return [ranked[i:i + rows] for i in range(0, len(ranked), rows)]
-
-
-def iters_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
-    return math.ceil(math.ceil(n_rows / world) / cfg.batch_size)
 
 
 # ---------------------------------------------------------------- schedule
@@ -278,8 +58,6 @@ def lr_factor(iteration: int, total_iters: int, warmup_ratio: float) -> float:
 def window_ends(total_iters: int, acc: int) -> list[int]:
     """The (exclusive) iteration at which each optimizer step happens."""
     return [min(e, total_iters) for e in range(acc, total_iters + acc, acc)]
-
-
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -340,7 +118,8 @@ def setup_distributed(threads: int | None) -> str:
 
 
 def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
-    from .data import DataError, read_records
+    from .data import read_records
+    from .errors import DataError
 
     samples, stats = encode_dataset(read_records(data_file), tokenizer, cfg)
     if not samples:
@@ -408,9 +187,7 @@ def fit_to_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> int:
     pass, with gradient checkpointing turned on here when even that does not fit.
 
     Cheaper first: passes of fewer rows compute the same step with fewer activations kept, at a small
-    cost (the default experiment on 2 CPU cores: passes of 2 rows instead of 4 peaked at 2.04 GB instead
-    of 2.42 and trained at 1.28x instead of 1.51x the HF baseline's speed; README "Training speed");
-    recomputing every layer costs more (1.49x slower per epoch: bench/results/speed_levers.json).
+    cost in speed; recomputing every layer costs more (docs/benchmarks.md has both measured).
     So ``auto`` takes the most rows (up to ``batch_size``) whose activations fit; when not even one
     row's do, whole micro-batches with checkpointing on.
     """
@@ -492,33 +269,6 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
             "supervised_tokens": int(n_sup)}
 
 
-class Batches:
-    """This rank's micro-batches by iteration, one epoch's order in memory at a time."""
-
-    def __init__(self, plan: Plan, cfg: TrainConfig, pad_id: int, rank: int, world: int, rows_per: int):
-        self.plan, self.cfg, self.pad_id, self.rank, self.world = plan, cfg, pad_id, rank, world
-        self.rows_per = rows_per
-        self.lengths = plan.lengths
-        self.epoch, self.order = -1, []
-
-    def window(self, start: int, end: int) -> tuple[list[tuple], int]:
-        """The collated passes of iterations [start, end) and their real (unpadded) tokens."""
-        out, real = [], 0
-        for it in range(start, end):
-            epoch, k = divmod(it, self.plan.iters_per_epoch)
-            if epoch != self.epoch:
-                self.epoch = epoch
-                self.order = epoch_batches(len(self.plan.rows), epoch, self.cfg, self.rank, self.world, self.lengths)
-            batch = [self.plan.rows[i] for i in self.order[k]]
-            real += sum(len(r.input_ids) for r in batch)
-            out += [collate(p, self.pad_id) for p in passes(batch, self.rows_per)]
-        return out, real
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, the gradient norm or a trainable weight stopped being a finite number."""
-
-
 def check_finite(engine, row: dict, work_dir: Path) -> None:
     """Stop at the first non-finite step, before it can be checkpointed: the last good checkpoint stays."""
     weights_ok = checkpoints.all_finite(p for p in engine.module.parameters() if p.requires_grad)
@@ -578,7 +328,7 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     if resumed_from is None:
         evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
     engine.train()
-    batches, t_start = Batches(plan, cfg, tokenizer.pad_token_id, rank, world, rows_per), time.time()
+    batches, t_start = Batches(plan.rows, plan.iters_per_epoch, cfg, tokenizer.pad_token_id, rank, world, rows_per), time.time()
     for step, (start, end) in enumerate(zip(plan.starts, plan.ends), start=1):
         if end <= (resumed_from or 0):
             continue

@@ -22,8 +22,8 @@ import yaml
 from snaketune.chat import Chat, GenerationSettings, load_model, read_prompt, repl
 from snaketune.cli import main
 from snaketune.config import MergeConfig
-from snaketune.export import merge
 from snaketune.generation import generate_answers
+from snaketune.merge import merge
 from snaketune.model import load_base, load_peft_model
 
 from .chat_model import argmax_answer, build_adapter, build_talking_model, chatml

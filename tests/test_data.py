@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from snaketune.data import DataError, convert, convert_file, read_records, self_cognition, write_records
+from snaketune.data import convert, convert_file, read_records, self_cognition, write_records
+from snaketune.errors import DataError
 
 from .conftest import XTUNER, run_cli, tiny_config
 

@@ -15,7 +15,8 @@ from snaketune import evalsets, metrics
 from snaketune.config import EvaluationConfig
 from snaketune.data import mix, replay_records
 from snaketune.encoding import encode_prompt
-from snaketune.evaluate import CheckFailed, evaluate
+from snaketune.errors import CheckFailed
+from snaketune.evaluate import evaluate
 from snaketune.generation import Answer, answer_nll, generate_answers
 from snaketune.model import load_base, load_tokenizer
 
@@ -249,7 +250,8 @@ def test_a_cut_off_answer_is_trained_without_an_end_of_turn(tokenizer, template)
 
 
 def test_only_a_last_turn_may_be_cut_off():
-    from snaketune.data import DataError, validate_conversation
+    from snaketune.data import validate_conversation
+    from snaketune.errors import DataError
 
     turns = [{"input": "a", "output": "b", "end_of_turn": False}, {"input": "c", "output": "d"}]
     with pytest.raises(DataError, match=r"field 'conversation\[0\]\.end_of_turn': is false on a turn that another"):

@@ -7,8 +7,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from snaketune.adapter import ADAPTER_INDEX, ADAPTER_WEIGHTS, check_adapter, pth_to_hf
 from snaketune.config import ExportConfig, LoraConfig, MergeConfig
-from snaketune.export import ADAPTER_INDEX, ADAPTER_WEIGHTS, check_adapter, merge, pth_to_hf, read_lora_state
+from snaketune.lora_state import read_lora_state
+from snaketune.merge import merge
 from snaketune.model import load_peft_model
 
 from .conftest import TINY_BASE, run_cli

@@ -17,10 +17,13 @@ import pytest
 import torch
 import yaml
 
-from snaketune.checkpoints import COMPLETE, CheckpointError, complete_checkpoints, fingerprint
-from snaketune.config import ConfigError, ExportConfig, LoraConfig, MergeConfig, ModelConfig, TrainConfig
-from snaketune.data import DataError, read_records
-from snaketune.export import NonFiniteWeights, check_adapter, merge, pth_to_hf, read_lora_state
+from snaketune.adapter import check_adapter, pth_to_hf
+from snaketune.checkpoints import COMPLETE, complete_checkpoints, fingerprint
+from snaketune.config import ExportConfig, LoraConfig, MergeConfig, ModelConfig, TrainConfig
+from snaketune.data import read_records
+from snaketune.errors import CheckpointError, ConfigError, DataError, NonFiniteWeights
+from snaketune.lora_state import read_lora_state
+from snaketune.merge import merge
 from snaketune.provenance import model_hash, sha256_file
 
 from .conftest import TINY_BASE, XTUNER, copy_workflow, run_cli

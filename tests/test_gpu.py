@@ -56,7 +56,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def _lora(summary: Path) -> dict[str, torch.Tensor]:
-    from snaketune.export import read_lora_state
+    from snaketune.lora_state import read_lora_state
 
     return read_lora_state(json.loads(summary.read_text())["checkpoint"])
 
@@ -103,7 +103,8 @@ def test_training_model_is_nf4_on_cuda_with_bf16_compute(monkeypatch):
     from snaketune.config import TrainConfig
     from snaketune.data import read_records
     from snaketune.model import compute_dtype, load_for_training, load_tokenizer
-    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.losses import token_loss_sum
 
     assert torch.cuda.is_bf16_supported(), "this GPU has no bf16: the recipe falls back to fp16"
     assert compute_dtype("cuda") is torch.bfloat16

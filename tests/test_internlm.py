@@ -335,7 +335,8 @@ def test_packed_loss_equals_the_per_sample_sum_on_converted_internlm2(hub):
     samples' losses run one by one (the hub code would let packed samples attend to each other)."""
     from snaketune.config import TrainConfig
     from snaketune.model import load_tokenizer
-    from snaketune.train import as_rows, collate, encode_dataset, pack, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset, pack
+    from snaketune.losses import token_loss_sum
 
     from .conftest import XTUNER
 

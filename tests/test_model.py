@@ -5,7 +5,8 @@ import os
 import pytest
 
 from snaketune.config import ModelConfig
-from snaketune.fetch import OfflineError, fetch_model
+from snaketune.errors import OfflineError
+from snaketune.fetch import fetch_model
 
 from .conftest import TINY_BASE
 

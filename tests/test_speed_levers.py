@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import LoraConfig, TrainConfig
-from snaketune.export import read_lora_state
+from snaketune.lora_state import read_lora_state
 
 from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
 from .test_train import train_cmd
@@ -30,7 +30,7 @@ from .test_train import train_cmd
 @pytest.fixture(scope="module")
 def batch(tokenizer):
     """Two conversations of unequal length, right-padded: some positions supervised, some prompt, some pad."""
-    from snaketune.train import as_rows, collate, encode_dataset
+    from snaketune.batching import as_rows, collate, encode_dataset
 
     samples, _ = encode_dataset([{"conversation": [{"input": "Who are you?", "output": "A small test model."}]},
                                  {"conversation": [{"input": "Question 7, a longer one?", "output": "the quick brown "
@@ -80,7 +80,7 @@ def assert_same(a, b, rtol=1e-5, atol=1e-7):
 
 
 def test_head_at_supervised_positions_only_gives_the_full_heads_loss_and_gradients(batch):
-    from snaketune.train import token_loss_sum
+    from snaketune.losses import token_loss_sum
 
     model = lora_model()
     rows = []
@@ -97,7 +97,7 @@ def test_head_at_supervised_positions_only_gives_the_full_heads_loss_and_gradien
 
 
 def test_a_model_without_logits_to_keep_gets_the_full_head(batch):
-    from snaketune.train import accepts_logits_to_keep, token_loss_sum
+    from snaketune.losses import accepts_logits_to_keep, token_loss_sum
 
     class Plain(torch.nn.Module):  # a forward without logits_to_keep (older or hub code)
         def __init__(self, inner):
@@ -119,7 +119,7 @@ def test_a_model_without_logits_to_keep_gets_the_full_head(batch):
 
 def test_without_checkpointing_loss_and_gradients_equal_checkpointing_on(batch):
     """With LoRA dropout on: checkpointing replays the random state, so the masks (and gradients) match."""
-    from snaketune.train import token_loss_sum
+    from snaketune.losses import token_loss_sum
 
     on = lora_model(dropout=0.1, gradient_checkpointing=True)
     off = lora_model(dropout=0.1, gradient_checkpointing=False)
@@ -166,7 +166,8 @@ def test_auto_splits_the_micro_batch_then_checkpoints_only_when_memory_is_short(
     """rows_per_pass and gradient_checkpointing auto: the whole micro-batch when its activations fit half
     the free memory, else the most rows that do, and checkpointing only when not even one row's fit."""
     from snaketune import model as model_module
-    from snaketune.train import Plan, Row, fit_to_memory
+    from snaketune.batching import Row
+    from snaketune.train import Plan, fit_to_memory
 
     plan = Plan([Row([1] * 40, [1] * 40, list(range(40)), [])], {}, 1, 1, [1])
     config = lora_model().config
@@ -198,7 +199,7 @@ def test_auto_splits_the_micro_batch_then_checkpoints_only_when_memory_is_short(
 
 def steps_of(lengths, epoch, *, batch_size, acc, world, seed=0):
     """The samples of each optimizer step, from each rank's micro-batches, as the trainer draws them."""
-    from snaketune.train import epoch_batches, iters_per_epoch
+    from snaketune.batching import epoch_batches, iters_per_epoch
 
     cfg = TrainConfig(template="default", batch_size=batch_size, accumulative_counts=acc, seed=seed,
                       group_by_length=True)
@@ -226,7 +227,7 @@ def test_length_groups_keep_each_step_the_same_however_the_global_batch_is_split
 
 
 def test_length_groups_are_seeded_and_cut_the_padding():
-    from snaketune.train import epoch_batches
+    from snaketune.batching import epoch_batches
 
     lengths = [(7 * i) % 23 + 5 for i in range(96)]
     on = TrainConfig(template="default", batch_size=4, accumulative_counts=1, group_by_length=True)
@@ -284,7 +285,8 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
 
 
 def test_passes_of_fewer_rows_give_the_whole_batchs_loss_and_gradients(tokenizer):
-    from snaketune.train import as_rows, collate, encode_dataset, passes, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset, passes
+    from snaketune.losses import token_loss_sum
 
     answers = ["ok", "the quick brown fox jumps over a lazy dog", "seven small birds", "a b c d e f g h i j k l"]
     samples, _ = encode_dataset([{"conversation": [{"input": f"Question {i}?", "output": a}]}
@@ -362,7 +364,8 @@ def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch, process_group):
     """build_engine's fused AdamW, run by ZeRO-2 over its flat partition, moves the LoRA weights as
     plain per-parameter AdamW of the same settings does, step after step."""
     from snaketune.model import load_for_training
-    from snaketune.train import Plan, build_engine, token_loss_sum
+    from snaketune.losses import token_loss_sum
+    from snaketune.train import Plan, build_engine
 
     cfg = TrainConfig(template="internlm2_chat", batch_size=2, accumulative_counts=1, lr=1e-2, weight_decay=0.01,
                       max_norm=1e9, warmup_ratio=0.0, gradient_checkpointing=False,
@@ -421,7 +424,7 @@ def malloc_of_a_process(env):
 
 def test_allocator_env_preloads_tcmalloc_once_and_fails_clearly_without_it(tcmalloc, monkeypatch):
     from snaketune import launch
-    from snaketune.config import ConfigError
+    from snaketune.errors import ConfigError
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     env = launch.allocator_env("auto")

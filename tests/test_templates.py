@@ -12,7 +12,7 @@ import pytest
 
 from snaketune.config import MergeConfig
 from snaketune.encoding import IGNORE_INDEX, encode_conversation
-from snaketune.export import merge
+from snaketune.merge import merge
 from snaketune.model import load_tokenizer
 from snaketune.templates import TEMPLATES
 

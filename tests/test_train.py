@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from snaketune.checkpoints import COMPLETE, complete_checkpoints, torn_checkpoints
-from snaketune.config import ConfigError, LoraConfig, TrainConfig
+from snaketune.batching import epoch_batches, pack
+from snaketune.config import LoraConfig, TrainConfig
 from snaketune.encoding import Encoded
-from snaketune.export import read_lora_state
-from snaketune.train import epoch_batches, lr_factor, pack, window_ends
+from snaketune.errors import ConfigError
+from snaketune.lora_state import read_lora_state
+from snaketune.train import lr_factor, window_ends
 
 from .conftest import TINY_BASE, XTUNER, kill_at_checkpoint, read_jsonl, tiny_config
 
@@ -153,7 +155,8 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     from transformers import AutoModelForCausalLM
 
     from snaketune.data import read_records
-    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
     s = TrainConfig(template="internlm2_chat", max_length=256)
@@ -182,7 +185,8 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
 
     from snaketune.data import read_records
     from snaketune.model import load_for_training
-    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.losses import token_loss_sum
 
     first, second = read_records(XTUNER / "data.json")[:2]
     samples, stats = encode_dataset([first, {**second, "loss": "kl"}], tokenizer,
@@ -230,7 +234,8 @@ def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
     from snaketune.data import read_records
     from snaketune.generation import generate_answers
     from snaketune.model import load_for_training
-    from snaketune.train import as_rows, collate, encode_dataset, token_loss_sum
+    from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.losses import token_loss_sum
 
     torch.manual_seed(0)
     model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), device="cpu")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from snaketune.adapter import pth_to_hf
 from snaketune.config import ExportConfig, LoraConfig
-from snaketune.export import pth_to_hf
 from snaketune.safe_pickle import load_checkpoint
 
 from .conftest import XTUNER

@@ -1,0 +1,82 @@
+"""The training loss: cross-entropy on supervised tokens, and for ``loss: kl`` samples a distillation of
+the base model (the adapter turned off) at the same positions.
+"""
+
+from __future__ import annotations
+
+from .encoding import IGNORE_INDEX
+
+
+def head_logits(model, ids, position_ids, positions):
+    """The output head's logits at ``positions`` (position t predicts token t + 1), or at every
+    position but the last when ``positions`` is None (a model without ``logits_to_keep``)."""
+    if positions is None:
+        return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
+    if logits.shape[:2] != (ids.shape[0], len(positions)):
+        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
+                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
+    return logits
+
+
+def base_model_logits(model, ids, position_ids, positions):
+    """The base model's logits: the same forward with the LoRA adapter turned off, without gradients."""
+    import torch
+
+    peft_model = getattr(model, "module", model)  # inside a DeepSpeed engine
+    if not hasattr(peft_model, "disable_adapter"):
+        raise TypeError(f"loss kl distils the base model under the adapter; {type(peft_model).__name__} has none")
+    with torch.no_grad(), peft_model.disable_adapter():
+        return head_logits(peft_model, ids, position_ids, positions)
+
+
+def token_loss_sum(model, ids, labels, position_ids, kl=None):
+    """Summed loss over supervised tokens: cross-entropy, and where ``kl`` marks a sample trained
+    with loss kl, KL(base || model) + KL(model || base) between the model's next-token distribution
+    and the base model's (the adapter turned off) at the same position, summed over the vocabulary.
+
+    No attention mask is passed: transformers then builds a causal mask that is
+    block-diagonal wherever the position ids restart, but only when no KV cache
+    is in play, hence ``use_cache=False`` (with a cache, packed samples would
+    silently attend to each other).
+
+    The output head runs only at the positions whose next token is supervised in
+    some row of the batch (the model's own ``logits_to_keep``, given those positions):
+    the others add nothing to the loss or its gradients, and the full ``tokens x
+    vocab`` logits are never made. With one row per batch (packing) or rows of equal
+    length (``group_by_length``) that is exactly the supervised positions. A model
+    whose forward lacks ``logits_to_keep`` gets the full head.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # position t predicts token t + 1
+    # a 1-D index: every transformers version takes it
+    head_at = keep.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
+    logits = head_logits(model, ids, position_ids, head_at)
+    positions = torch.arange(targets.shape[1], device=ids.device) if head_at is None else head_at
+    rows, targets = keep[:, positions], targets[:, positions]
+    distil = rows & kl[:, 1:][:, positions] if kl is not None else None
+    if distil is None or not distil.any():
+        return F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
+    ce = rows & ~distil
+    base = base_model_logits(model, ids, position_ids, head_at)
+    log_p = F.log_softmax(logits[distil].float(), -1)
+    log_base = F.log_softmax(base[distil].float(), -1)
+    # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
+    # keeps the model from saying what the base model would not (a new name in a general answer)
+    return (F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
+            + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum())
+
+
+def unwrap(model):
+    """The transformers model inside a DeepSpeed engine and a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
