@@ -1,6 +1,7 @@
 # Config access and every input/params function of the workflow. The experiment is resolved
 # once (snaketune.config: typed sections, defaults, cross-checks); each rule gets only its own
-# section, as a plain dict that Snakemake compares between runs.
+# section, as a plain dict that Snakemake compares between runs. Every path comes from LAYOUT
+# (snaketune.config.Layout), which the CLI and the tests read too.
 from dataclasses import asdict
 from functools import cache
 
@@ -8,10 +9,17 @@ from snaketune import config as st_config
 
 st_config.check(config)
 
+LAYOUT = st_config.LAYOUT
+
 
 @cache
 def resolved(name):
     return st_config.resolve(config, name)
+
+
+def layout(wildcards):
+    """The experiment's files."""
+    return st_config.Layout.of(resolved(wildcards.exp))
 
 
 def section(name):
@@ -46,7 +54,11 @@ def provenance_record(wildcards):
 
 
 def model_dir(wildcards):
-    return st_config.model_dir(resolved(wildcards.exp).model_name)
+    return layout(wildcards).model_dir
+
+
+def work_dir(wildcards):
+    return layout(wildcards).work_dir
 
 
 def dataset_entry(name):
@@ -62,8 +74,7 @@ def experiment_data(wildcards):
 
 def mixture_sources(wildcards):
     """What went into a mixture (for provenance); nothing for a single dataset."""
-    exp = resolved(wildcards.exp)
-    return [st_config.mixture_sources_file(exp.name)] if exp.mixed else []
+    return [layout(wildcards).mixture_sources] if resolved(wildcards.exp).mixed else []
 
 
 def mixture_inputs(wildcards):
@@ -87,7 +98,7 @@ def replay_spec(wildcards):
 
 def replay_model(wildcards):
     """The model whose answers a replay dataset holds."""
-    return st_config.model_dir(replay_spec(wildcards).model)
+    return LAYOUT.format(model=replay_spec(wildcards).model).model_dir
 
 
 def replay_trust_remote_code(wildcards):
@@ -115,18 +126,10 @@ def experiment_benchmarks(wildcards):
     steps = ["check_data"] + (["mix_data"] if exp.mixed else [])
     steps += ["train", "pth_to_hf", "merge", "evaluate"]
     return [
-        f"benchmarks/fetch_model/{exp.model_name}.tsv",
-        *(f"benchmarks/{rule}/{name}.tsv" for rule, name in exp.data_jobs()),
-        *(f"benchmarks/{step}/{wildcards.exp}.tsv" for step in steps),
+        LAYOUT.benchmark("fetch_model", exp.model_name),
+        *(LAYOUT.benchmark(rule, name) for rule, name in exp.data_jobs()),
+        *(LAYOUT.benchmark(step, wildcards.exp) for step in steps),
     ]
-
-
-REPORT_PARTS = (
-    "training_curves.svg",
-    "evaluation.html",
-    "provenance.html",
-    "benchmarks.html",
-)
 
 
 def final_outputs(names):
@@ -134,9 +137,6 @@ def final_outputs(names):
     return [
         out
         for name in names
-        for out in (
-            f"results/{name}/merged",
-            f"results/{name}/evaluation.md",
-            *(f"results/{name}/report/{part}" for part in REPORT_PARTS),
-        )
+        for files in [LAYOUT.format(exp=name)]
+        for out in (files.merged, files.evaluation, *files.report())
     ]

@@ -10,11 +10,11 @@ localrules:
 rule generate_data:
     """The self-cognition dataset ("XXX的小助手"), in XTuner's conversation format."""
     output:
-        "results/data/generated/{dataset}.json",
+        LAYOUT.generated_data,
     log:
-        "logs/generate_data/{dataset}.log",
+        LAYOUT.log("generate_data", "{dataset}"),
     benchmark:
-        "benchmarks/generate_data/{dataset}.tsv"
+        LAYOUT.benchmark("generate_data", "{dataset}")
     conda:
         "../envs/generate_data.yaml"
     params:
@@ -28,11 +28,11 @@ rule convert_data:
     input:
         dataset_local_input,
     output:
-        "results/data/converted/{dataset}.json",
+        LAYOUT.converted_data,
     log:
-        "logs/convert_data/{dataset}.log",
+        LAYOUT.log("convert_data", "{dataset}"),
     benchmark:
-        "benchmarks/convert_data/{dataset}.tsv"
+        LAYOUT.benchmark("convert_data", "{dataset}")
     conda:
         "../envs/convert_data.yaml"
     params:
@@ -47,11 +47,11 @@ rule replay_data:
     input:
         model=replay_model,
     output:
-        "results/data/replay/{dataset}.json",
+        LAYOUT.replay_data,
     log:
-        "logs/replay_data/{dataset}.log",
+        LAYOUT.log("replay_data", "{dataset}"),
     benchmark:
-        "benchmarks/replay_data/{dataset}.tsv"
+        LAYOUT.benchmark("replay_data", "{dataset}")
     conda:
         "../envs/replay_data.yaml"
     params:
@@ -67,12 +67,12 @@ rule mix_data:
     input:
         mixture_inputs,
     output:
-        data="results/data/mixed/{exp}/data.json",
-        sources="results/data/mixed/{exp}/sources.json",
+        data=LAYOUT.mixture,
+        sources=LAYOUT.mixture_sources,
     log:
-        "logs/mix_data/{exp}.log",
+        LAYOUT.log("mix_data", "{exp}"),
     benchmark:
-        "benchmarks/mix_data/{exp}.tsv"
+        LAYOUT.benchmark("mix_data", "{exp}")
     conda:
         "../envs/mix_data.yaml"
     params:
@@ -90,11 +90,11 @@ rule check_data:
         model=model_dir,
         data=mixture_inputs,
     output:
-        "results/{exp}/data_check.txt",
+        LAYOUT.data_check,
     log:
-        "logs/check_data/{exp}.log",
+        LAYOUT.log("check_data", "{exp}"),
     benchmark:
-        "benchmarks/check_data/{exp}.tsv"
+        LAYOUT.benchmark("check_data", "{exp}")
     conda:
         "../envs/check_data.yaml"
     params:

@@ -4,17 +4,17 @@ rule evaluate:
     or when a fine-tuned answer never stops."""
     input:
         model=model_dir,
-        adapter="results/{exp}/adapter",
-        merged="results/{exp}/merged",
+        adapter=LAYOUT.adapter,
+        merged=LAYOUT.merged,
         data=experiment_data,
     output:
-        answers="results/{exp}/evaluation.jsonl",
-        markdown="results/{exp}/evaluation.md",
-        summary="results/{exp}/evaluation.json",
+        answers=LAYOUT.answers,
+        markdown=LAYOUT.evaluation,
+        summary=LAYOUT.evaluation_summary,
     log:
-        "logs/evaluate/{exp}.log",
+        LAYOUT.log("evaluate", "{exp}"),
     benchmark:
-        "benchmarks/evaluate/{exp}.tsv"
+        LAYOUT.benchmark("evaluate", "{exp}")
     conda:
         "../envs/evaluate.yaml"
     params:

@@ -1,14 +1,14 @@
 rule pth_to_hf:
     """The final checkpoint as a PEFT adapter (xtuner convert pth_to_hf); fails on an empty or all-zero adapter."""
     input:
-        summary="results/{exp}/training.json",
+        summary=LAYOUT.summary,
         model=model_dir,
     output:
-        directory("results/{exp}/adapter"),
+        directory(LAYOUT.adapter),
     log:
-        "logs/pth_to_hf/{exp}.log",
+        LAYOUT.log("pth_to_hf", "{exp}"),
     benchmark:
-        "benchmarks/pth_to_hf/{exp}.tsv"
+        LAYOUT.benchmark("pth_to_hf", "{exp}")
     conda:
         "../envs/pth_to_hf.yaml"
     params:
@@ -22,13 +22,13 @@ rule merge:
     """Base + adapter merged into one model that plain transformers loads (xtuner convert merge)."""
     input:
         model=model_dir,
-        adapter="results/{exp}/adapter",
+        adapter=LAYOUT.adapter,
     output:
-        directory("results/{exp}/merged"),
+        directory(LAYOUT.merged),
     log:
-        "logs/merge/{exp}.log",
+        LAYOUT.log("merge", "{exp}"),
     benchmark:
-        "benchmarks/merge/{exp}.tsv"
+        LAYOUT.benchmark("merge", "{exp}")
     conda:
         "../envs/merge.yaml"
     params:

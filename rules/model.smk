@@ -6,15 +6,15 @@ localrules:
 rule fetch_model:
     """Link (local), download (modelscope, huggingface) or import (gguf) the base model."""
     output:
-        directory("resources/models/{model}"),
+        directory(LAYOUT.model_dir),
     log:
-        "logs/fetch_model/{model}.log",
+        LAYOUT.log("fetch_model", "{model}"),
     benchmark:
-        "benchmarks/fetch_model/{model}.tsv"
+        LAYOUT.benchmark("fetch_model", "{model}")
     conda:
         "../envs/fetch_model.yaml"
     params:
         model=model_params,
-        cache_dir="resources/downloads",
+        cache_dir=LAYOUT.downloads,
     script:
         "../scripts/fetch_model.py"

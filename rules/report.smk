@@ -6,38 +6,38 @@ localrules:
 rule report_experiment:
     """The parts of `snakemake --report`: training curves, evaluation answers, provenance, benchmarks."""
     input:
-        metrics="results/{exp}/metrics.jsonl",
-        provenance="results/{exp}/provenance.json",
-        evaluation="results/{exp}/evaluation.jsonl",
-        evaluation_summary="results/{exp}/evaluation.json",
+        metrics=LAYOUT.metrics,
+        provenance=LAYOUT.provenance,
+        evaluation=LAYOUT.answers,
+        evaluation_summary=LAYOUT.evaluation_summary,
         benchmarks=experiment_benchmarks,
     output:
         curves=report(
-            "results/{exp}/report/training_curves.svg",
+            LAYOUT.curves,
             caption="../report/training_curves.rst",
             category="Training",
             labels={"experiment": "{exp}", "figure": "loss, lr, grad norm"},
         ),
         evaluation=report(
-            "results/{exp}/report/evaluation.html",
+            LAYOUT.evaluation_page,
             caption="../report/evaluation.rst",
             category="Evaluation",
             labels={"experiment": "{exp}", "table": "base vs fine-tuned"},
         ),
         provenance=report(
-            "results/{exp}/report/provenance.html",
+            LAYOUT.provenance_page,
             caption="../report/provenance.rst",
             category="Provenance",
             labels={"experiment": "{exp}", "table": "provenance"},
         ),
         benchmarks=report(
-            "results/{exp}/report/benchmarks.html",
+            LAYOUT.benchmarks_page,
             caption="../report/benchmarks.rst",
             category="Benchmarks",
             labels={"experiment": "{exp}", "table": "benchmarks"},
         ),
     log:
-        "logs/report_experiment/{exp}.log",
+        LAYOUT.log("report_experiment", "{exp}"),
     conda:
         "../envs/report_experiment.yaml"
     script:

@@ -1,19 +1,19 @@
 rule train:
-    """QLoRA with DeepSpeed ZeRO-2. Checkpoints go to work_dirs/{exp}/iter_N.pth, which is
+    """QLoRA with DeepSpeed ZeRO-2. Checkpoints go to the work directory (iter_N.pth), which is
     not a declared output: Snakemake never deletes it, and a re-run resumes from it."""
     input:
         model=model_dir,
         data=experiment_data,
         mixture_sources=mixture_sources,
-        data_check="results/{exp}/data_check.txt",
+        data_check=LAYOUT.data_check,
     output:
-        summary="results/{exp}/training.json",
-        metrics="results/{exp}/metrics.jsonl",
-        provenance="results/{exp}/provenance.json",
+        summary=LAYOUT.summary,
+        metrics=LAYOUT.metrics,
+        provenance=LAYOUT.provenance,
     log:
-        "logs/train/{exp}.log",
+        LAYOUT.log("train", "{exp}"),
     benchmark:
-        "benchmarks/train/{exp}.tsv"
+        LAYOUT.benchmark("train", "{exp}")
     conda:
         "../envs/train.yaml"
     threads: 8
@@ -23,7 +23,7 @@ rule train:
         train=section("train"),
         model=model_section,
         record=provenance_record,
-        work_dir=lambda wc: f"work_dirs/{wc.exp}",
+        work_dir=work_dir,
         # null: one rank per GPU the job got (a profile may set the gpu count)
         ranks=lambda wc: resolved(wc.exp).ranks,
     script:

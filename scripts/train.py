@@ -13,12 +13,12 @@ if "snakemake" not in globals():
 else:
     params = snakemake.params
     with job(snakemake.log[0]):
-        steps.train(model_dir=snakemake.input.model, data_file=snakemake.input.data, work_dir=params.work_dir,
-                    summary=snakemake.output.summary, metrics=snakemake.output.metrics,
-                    provenance=snakemake.output.provenance, train=TrainConfig.from_dict(params.train),
-                    model=ModelConfig.from_dict(params.model), record=params.record,
-                    # null ranks: one per GPU the job got (a profile may set the gpu count)
-                    ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
-                    threads=snakemake.threads, workflow_dir=Path(snakemake.scriptdir).parent,
-                    log_file=snakemake.log[0],
-                    mixture_sources=next(iter(snakemake.input.mixture_sources), None))  # none for one dataset
+        steps.train(steps.TrainJob(
+            model_dir=snakemake.input.model, data_file=snakemake.input.data, work_dir=params.work_dir,
+            summary=snakemake.output.summary, metrics=snakemake.output.metrics,
+            provenance=snakemake.output.provenance, train=TrainConfig.from_dict(params.train),
+            model=ModelConfig.from_dict(params.model), record=params.record,
+            mixture_sources=next(iter(snakemake.input.mixture_sources), None),  # none for one dataset
+            # null ranks: one per GPU the job got (a profile may set the gpu count)
+            ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
+            threads=snakemake.threads, workflow_dir=Path(snakemake.scriptdir).parent, log_file=snakemake.log[0]))

@@ -19,12 +19,14 @@ from pathlib import Path
 import yaml
 
 from . import steps
-from .config import (ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig, from_dict, load,
+from .config import (LAYOUT, ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig, from_dict, load,
                      resolve)
 from .joblog import job
 
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 log = logging.getLogger("snaketune")
+# The workflow's paths as the help names them (results/EXPERIMENT/adapter).
+HELP_PATHS = LAYOUT.format(exp="EXPERIMENT", model="MODEL", dataset="DATASET")
 
 
 def experiment_of(args: argparse.Namespace):
@@ -80,21 +82,22 @@ def cmd_convert_data(args) -> None:
 
 
 def cmd_replay_data(args) -> None:
-    from .config import ReplaySpec, model_dir
+    from .config import ReplaySpec
 
     config, _ = load(args.config, args.experiment, args.set)
     exp, _ = experiment_of(args)
     for name, dataset, output in _datasets_made_by(exp, "replay_data", args.output):
         spec = ReplaySpec.from_dict(dataset.spec, f"datasets.{name}.spec")
         trust = bool(config["models"][spec.model].get("trust_remote_code", False))
-        steps.replay_data(dataset, args.model or model_dir(spec.model), output, trust_remote_code=trust)
+        model = args.model or LAYOUT.format(model=spec.model).model_dir
+        steps.replay_data(dataset, model, output, trust_remote_code=trust)
 
 
 def cmd_mix_data(args) -> None:
     exp, layout = experiment_of(args)
     if not exp.mixed:
         raise ConfigError(f"experiment {exp.name} trains on one dataset ({exp.mixture[0].name}): nothing to mix")
-    steps.mix_data(exp.mixture_parts(), args.output or layout.data_file, args.sources or layout.mixture_sources,
+    steps.mix_data(exp.mixture_parts(), args.output or layout.mixture, args.sources or layout.mixture_sources,
                    seed=exp.train.seed)
 
 
@@ -105,14 +108,14 @@ def cmd_fetch_model(args) -> None:
 
 def cmd_train(args) -> None:
     exp, layout = experiment_of(args)
-    steps.train(model_dir=args.model or layout.model_dir, data_file=args.data or layout.data_file,
-                work_dir=args.work_dir or layout.work_dir, summary=args.summary or layout.result("training.json"),
-                metrics=args.metrics or layout.result("metrics.jsonl"),
-                provenance=args.provenance or layout.result("provenance.json"),
-                train=exp.train, model=exp.model, record=exp.provenance_record(),
-                ranks=args.ranks or exp.ranks or max(1, exp.gpus), threads=args.threads,
-                workflow_dir=Path(__file__).resolve().parents[1], log_file=args.log,
-                mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None)
+    steps.train(steps.TrainJob(
+        model_dir=args.model or layout.model_dir, data_file=args.data or exp.data_file,
+        work_dir=args.work_dir or layout.work_dir, summary=args.summary or layout.summary,
+        metrics=args.metrics or layout.metrics, provenance=args.provenance or layout.provenance,
+        train=exp.train, model=exp.model, record=exp.provenance_record(),
+        mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None,
+        ranks=args.ranks or exp.ranks or max(1, exp.gpus), threads=args.threads,
+        workflow_dir=Path(__file__).resolve().parents[1], log_file=args.log))
 
 
 def cmd_pth_to_hf(args) -> None:
@@ -127,7 +130,7 @@ def cmd_pth_to_hf(args) -> None:
             args.experiment, paths = paths[0], paths[1:]
         exp, layout = experiment_of(args)
         lora, export, base = exp.train.lora, exp.export, args.base_model or layout.model_dir
-        checkpoint, output = paths or (layout.result("training.json"), layout.result("adapter"))
+        checkpoint, output = paths or (layout.summary, layout.adapter)
     if args.fp32:
         export.fp32 = True
     if args.max_shard_size:
@@ -145,7 +148,7 @@ def cmd_merge(args) -> None:
     else:
         exp, layout = experiment_of(args)
         merge, trust, template = exp.merge, exp.model.trust_remote_code, args.template or exp.train.template
-        paths = paths or (layout.model_dir, layout.result("adapter"), layout.result("merged"))
+        paths = paths or (layout.model_dir, layout.adapter, layout.merged)
     if args.dtype:
         merge.dtype = args.dtype
     if args.max_shard_size:
@@ -156,26 +159,22 @@ def cmd_merge(args) -> None:
 
 def cmd_evaluate(args) -> None:
     exp, layout = experiment_of(args)
-    steps.evaluate(args.base or layout.model_dir, args.adapter or layout.result("adapter"),
-                   args.merged or layout.result("merged"), exp.evaluation, template=exp.train.template,
-                   system=exp.train.SYSTEM, data_file=args.data or layout.data_file,
-                   answers=layout.result("evaluation.jsonl"), markdown=layout.result("evaluation.md"),
-                   summary=layout.result("evaluation.json"),
-                   trust_remote_code=exp.model.trust_remote_code)
+    steps.evaluate(args.base or layout.model_dir, args.adapter or layout.adapter, args.merged or layout.merged,
+                   exp.evaluation, template=exp.train.template, system=exp.train.SYSTEM,
+                   data_file=args.data or exp.data_file, answers=layout.answers, markdown=layout.evaluation,
+                   summary=layout.evaluation_summary, trust_remote_code=exp.model.trust_remote_code)
 
 
 def cmd_report(args) -> None:
     exp, layout = experiment_of(args)
-    benchmarks = sorted(Path("benchmarks").glob(f"*/{exp.name}.tsv")) + [
-        Path(f"benchmarks/fetch_model/{exp.model_name}.tsv"),
-        *(Path(f"benchmarks/{rule}/{name}.tsv") for rule, name in exp.data_jobs())]
-    steps.report(title=exp.name, metrics=layout.result("metrics.jsonl"), evaluation=layout.result("evaluation.jsonl"),
-                 evaluation_summary=layout.result("evaluation.json"),
-                 provenance=layout.result("provenance.json"), benchmarks=[b for b in benchmarks if b.exists()],
-                 curves=layout.result("report/training_curves.svg"),
-                 evaluation_page=layout.result("report/evaluation.html"),
-                 provenance_page=layout.result("report/provenance.html"),
-                 benchmarks_page=layout.result("report/benchmarks.html"))
+    benchmarks = sorted(Path().glob(LAYOUT.benchmark("*", exp.name))) + [
+        Path(LAYOUT.benchmark("fetch_model", exp.model_name)),
+        *(Path(LAYOUT.benchmark(rule, name)) for rule, name in exp.data_jobs())]
+    steps.report(title=exp.name, metrics=layout.metrics, evaluation=layout.answers,
+                 evaluation_summary=layout.evaluation_summary, provenance=layout.provenance,
+                 benchmarks=[b for b in benchmarks if b.exists()], curves=layout.curves,
+                 evaluation_page=layout.evaluation_page, provenance_page=layout.provenance_page,
+                 benchmarks_page=layout.benchmarks_page)
 
 
 # ---------------------------------------------------------------- chat, web page, XTuner's config and dataset tools
@@ -197,7 +196,7 @@ def _chat(args):
     else:
         args.experiment = args.model
         exp, layout = experiment_of(args)
-        model_dir = layout.model_dir if args.adapter else layout.result("merged")
+        model_dir = layout.model_dir if args.adapter else layout.merged
         if not Path(model_dir).is_dir():
             raise ConfigError(f"{model_dir} does not exist: build it with `snakemake final_model`, "
                               "or name a model directory")
@@ -291,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snaketune", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    sub = p.add_subparsers(dest="command", required=True)
+    add = _subcommands(p.add_subparsers(dest="command", required=True))
+    for group in (_data_and_model_commands, _train_command, _export_commands, _evaluation_commands,
+                  _chat_commands, _preset_commands, _dataset_tool_commands, _replay_and_mix_commands):
+        group(add)
+    return p
+
+
+def _subcommands(sub):
+    """``add(name, fn, help)``: a subcommand with the options every step shares."""
 
     def add(name: str, fn, help: str, *, experiment: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -304,34 +311,42 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("experiment", nargs="?", help="experiment name (default: the first under run)")
         return sp
 
+    return add
+
+
+def _data_and_model_commands(add) -> None:
     sp = add("generate-data", cmd_generate_data, "write the experiment's generated dataset (self-cognition)")
-    sp.add_argument("--output", help="default: results/data/generated/DATASET.json")
+    sp.add_argument("--output", help=f"default: {HELP_PATHS.generated_data}")
 
     sp = add("convert-data", cmd_convert_data, "convert the experiment's dataset (alpaca/oasst1/openai/xtuner)")
-    sp.add_argument("--output", help="default: results/data/converted/DATASET.json")
+    sp.add_argument("--output", help=f"default: {HELP_PATHS.converted_data}")
 
     sp = add("fetch-model", cmd_fetch_model, "link, download or import (GGUF) the experiment's base model")
-    sp.add_argument("--output", help="default: resources/models/MODEL")
-    sp.add_argument("--cache-dir", default="resources/downloads")
+    sp.add_argument("--output", help=f"default: {HELP_PATHS.model_dir}")
+    sp.add_argument("--cache-dir", default=LAYOUT.downloads)
 
+
+def _train_command(add) -> None:
     sp = add("train", cmd_train, "QLoRA training with DeepSpeed ZeRO-2; resumes from the newest complete checkpoint")
-    sp.add_argument("--model", help="Hugging Face model directory (default: resources/models/MODEL)")
+    sp.add_argument("--model", help=f"Hugging Face model directory (default: {HELP_PATHS.model_dir})")
     sp.add_argument("--data", help="dataset in XTuner's conversation format (default: the workflow's)")
-    sp.add_argument("--work-dir", help="where iter_N.pth checkpoints go (default: work_dirs/EXPERIMENT)")
+    sp.add_argument("--work-dir", help=f"where iter_N.pth checkpoints go (default: {HELP_PATHS.work_dir})")
     sp.add_argument("--summary", help="training summary, written when training has finished "
-                    "(default: results/EXPERIMENT/training.json)")
-    sp.add_argument("--metrics", help="copy of the per-step metrics (default: results/EXPERIMENT/metrics.jsonl)")
-    sp.add_argument("--provenance", help="default: results/EXPERIMENT/provenance.json")
+                    f"(default: {HELP_PATHS.summary})")
+    sp.add_argument("--metrics", help=f"copy of the per-step metrics (default: {HELP_PATHS.metrics})")
+    sp.add_argument("--provenance", help=f"default: {HELP_PATHS.provenance}")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads in all (shared among ranks)")
     sp.add_argument("--ranks", type=int, default=None,
                     help="data-parallel processes (GPUs, or CPU ranks with gloo), started with torchrun "
                          "(default: the experiment's ranks, else one per GPU)")
 
+
+def _export_commands(add) -> None:
     sp = add("pth_to_hf", cmd_pth_to_hf, "convert a checkpoint to a PEFT adapter (xtuner convert pth_to_hf)",
              experiment=False)
     sp.add_argument("paths", nargs="*", metavar="[EXPERIMENT] [CHECKPOINT OUTPUT]",
                     help="CHECKPOINT: iter_N.pth (DeepSpeed directory or .pth file) or a training summary JSON; "
-                         "default: the experiment's final checkpoint and results/EXPERIMENT/adapter")
+                         f"default: the experiment's final checkpoint and {HELP_PATHS.adapter}")
     sp.add_argument("--lora", type=_yaml, default=None,
                     help="for a checkpoint without a config: '{r: 64, alpha: 16, dropout: 0.1}' (YAML or @file)")
     sp.add_argument("--base-model", help="recorded as base_model_name_or_path (default: the experiment's model)")
@@ -345,49 +360,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-shard-size")
     sp.add_argument("--trust-remote-code", action="store_true", help="with explicit paths: run the model's hub code")
 
+
+def _evaluation_commands(add) -> None:
     sp = add("evaluate", cmd_evaluate, "answer the evaluation prompts with the base and the fine-tuned model")
-    sp.add_argument("--base", help="default: resources/models/MODEL")
-    sp.add_argument("--adapter", help="default: results/EXPERIMENT/adapter")
-    sp.add_argument("--merged", help="default: results/EXPERIMENT/merged")
+    sp.add_argument("--base", help=f"default: {HELP_PATHS.model_dir}")
+    sp.add_argument("--adapter", help=f"default: {HELP_PATHS.adapter}")
+    sp.add_argument("--merged", help=f"default: {HELP_PATHS.merged}")
     sp.add_argument("--data", help="training data, to mark which prompts were trained on")
 
     add("report", cmd_report, "the report's parts: training curves, evaluation, provenance, benchmarks")
 
-    # ------------------------------------------------------------ chat, web page, XTuner's config and dataset tools
-    from .data import CONVERTERS
-    from .datatools import SHOW
+
+def _chat_arguments(sp: argparse.ArgumentParser) -> None:
     from .templates import SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER_TEMPLATE
 
-    def chat_arguments(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a model directory (merged, or a base model with --adapter), or an experiment name: "
-                             "its results/EXPERIMENT/merged with its template and SYSTEM (default: the first under run)")
-        sp.add_argument("--adapter", help="a PEFT adapter directory to put on MODEL (an experiment's: its base model)")
-        sp.add_argument("--prompt-template", choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
-                        help="default: the experiment's; for a directory, its tokenizer's chat template "
-                             "(a merged model's renders the training format)")
-        system = sp.add_mutually_exclusive_group()
-        system.add_argument("--system", help="system prompt (default: the experiment's SYSTEM)")
-        system.add_argument("--system-template", choices=sorted(SYSTEM_TEMPLATES), help="one of XTuner's system prompts")
-        sp.add_argument("--max-new-tokens", type=int, default=512)
-        sp.add_argument("--temperature", type=float, default=0.0,
-                        help="0 (default): greedy, reproducible; XTuner samples at 0.1")
-        sp.add_argument("--top-p", type=float, default=0.75, help="when sampling (default: %(default)s, XTuner's)")
-        sp.add_argument("--top-k", type=int, default=40, help="when sampling (default: %(default)s, XTuner's)")
-        sp.add_argument("--seed", type=int, default=0, help="torch seed, set once at start (default: %(default)s)")
-        sp.add_argument("--bits", type=int, choices=[4], help="4: load in NF4 with bitsandbytes (CUDA GPU only)")
-        sp.add_argument("--trust-remote-code", action="store_true", help="run the model directory's hub code")
+    sp.add_argument("model", nargs="?", metavar="MODEL",
+                    help="a model directory (merged, or a base model with --adapter), or an experiment name: "
+                         f"its {HELP_PATHS.merged} with its template and SYSTEM (default: the first under run)")
+    sp.add_argument("--adapter", help="a PEFT adapter directory to put on MODEL (an experiment's: its base model)")
+    sp.add_argument("--prompt-template", choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
+                    help="default: the experiment's; for a directory, its tokenizer's chat template "
+                         "(a merged model's renders the training format)")
+    system = sp.add_mutually_exclusive_group()
+    system.add_argument("--system", help="system prompt (default: the experiment's SYSTEM)")
+    system.add_argument("--system-template", choices=sorted(SYSTEM_TEMPLATES), help="one of XTuner's system prompts")
+    sp.add_argument("--max-new-tokens", type=int, default=512)
+    sp.add_argument("--temperature", type=float, default=0.0,
+                    help="0 (default): greedy, reproducible; XTuner samples at 0.1")
+    sp.add_argument("--top-p", type=float, default=0.75, help="when sampling (default: %(default)s, XTuner's)")
+    sp.add_argument("--top-k", type=int, default=40, help="when sampling (default: %(default)s, XTuner's)")
+    sp.add_argument("--seed", type=int, default=0, help="torch seed, set once at start (default: %(default)s)")
+    sp.add_argument("--bits", type=int, choices=[4], help="4: load in NF4 with bitsandbytes (CUDA GPU only)")
+    sp.add_argument("--trust-remote-code", action="store_true", help="run the model directory's hub code")
 
+
+def _chat_commands(add) -> None:
     sp = add("chat", cmd_chat, "chat in the terminal (xtuner chat): multi-turn, streamed, in the training format; "
              "reads prompts from stdin when it is not a terminal", experiment=False)
-    chat_arguments(sp)
+    _chat_arguments(sp)
     sp.add_argument("--no-streaming", action="store_true", help="print each answer when it is complete")
 
     sp = add("web", cmd_web, "the chat as a web page (Gradio)", experiment=False)
-    chat_arguments(sp)
+    _chat_arguments(sp)
     sp.add_argument("--host", default="127.0.0.1", help="default: %(default)s (this machine only)")
     sp.add_argument("--port", type=int, default=7860)
 
+
+def _preset_commands(add) -> None:
     sp = add("list-cfg", cmd_list_cfg, "list the presets in config/presets (xtuner list-cfg)", experiment=False)
     sp.add_argument("-p", "--pattern", help="only names containing this (case-insensitive)")
 
@@ -396,33 +415,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("dir", metavar="DIR")
 
-    def dataset_arguments(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", help="read this file instead of the experiment's dataset")
-        sp.add_argument("--format", choices=sorted(CONVERTERS), help="format of --data (default: the dataset's)")
-        sp.add_argument("--model", help="tokenizer directory (default: the experiment's model)")
+
+def _dataset_arguments(sp: argparse.ArgumentParser) -> None:
+    from .data import CONVERTERS
+
+    sp.add_argument("--data", help="read this file instead of the experiment's dataset")
+    sp.add_argument("--format", choices=sorted(CONVERTERS), help="format of --data (default: the dataset's)")
+    sp.add_argument("--model", help="tokenizer directory (default: the experiment's model)")
+
+
+def _dataset_tool_commands(add) -> None:
+    from .datatools import SHOW
 
     sp = add("check-custom-dataset", cmd_check_custom_dataset, "validate the experiment's dataset: every record, "
              "token lengths, truncation, records with nothing to learn; exits 1 on bad data")
-    dataset_arguments(sp)
+    _dataset_arguments(sp)
 
     sp = add("log-dataset", cmd_log_dataset,
              "print the first samples as training encodes them, supervised tokens marked ⟦like this⟧")
-    dataset_arguments(sp)
+    _dataset_arguments(sp)
     sp.add_argument("-n", type=int, default=1, help="how many samples (default: %(default)s)")
     sp.add_argument("--show", choices=SHOW, default="masked_text",
                     help="masked_text (default): the text, supervised tokens between ⟦ and ⟧; text; "
                          "input_ids; labels; all")
 
-    # ------------------------------------------------------------ replay data and mixtures
+
+def _replay_and_mix_commands(add) -> None:
     sp = add("replay-data", cmd_replay_data, "write the experiment's replay dataset(s): the model's own greedy "
              "answers to the training part of a general question set")
-    sp.add_argument("--model", help="the model answering (default: resources/models/MODEL of the replay spec)")
-    sp.add_argument("--output", help="default: results/data/replay/DATASET.json")
+    sp.add_argument("--model", help=f"the model answering (default: {HELP_PATHS.model_dir} of the replay spec)")
+    sp.add_argument("--output", help=f"default: {HELP_PATHS.replay_data}")
 
     sp = add("mix-data", cmd_mix_data, "concatenate the experiment's datasets, each repeated, into one training file")
-    sp.add_argument("--output", help="default: results/data/mixed/EXPERIMENT/data.json")
-    sp.add_argument("--sources", help="what went in, for provenance (default: results/data/mixed/EXPERIMENT/sources.json)")
-    return p
+    sp.add_argument("--output", help=f"default: {HELP_PATHS.mixture}")
+    sp.add_argument("--sources", help=f"what went in, for provenance (default: {HELP_PATHS.mixture_sources})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,10 +29,13 @@ from typing import Any
 import yaml
 
 from .data import LOSSES
-from .errors import ConfigError
 
 # Names become directory names: no separators, no "." or "..".
 NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key path (``experiments.identity.train.lr``) and the fix."""
 
 
 # ---------------------------------------------------------------- sections
@@ -85,11 +88,6 @@ class DatasetConfig(Section):
         if self.generator == "replay":
             return "replay_data"
         return "generate_data" if self.generated else "convert_data"
-
-    @property
-    def folder(self) -> str:
-        """Where under ``results/data/`` its file goes."""
-        return {"replay_data": "replay", "generate_data": "generated", "convert_data": "converted"}[self.step]
 
 
 @dataclass
@@ -164,7 +162,7 @@ class TrainConfig(Section):
     # most rows that do (cheaper than gradient checkpointing, which auto turns on only after this).
     rows_per_pass: int | str = "auto"
     # The training process's malloc (launch.allocator_env): tcmalloc reuses the memory a step frees,
-    # where glibc's keeps much of it (the default experiment on a CPU: peak RSS 2.00 vs 2.42 GB). auto:
+    # where glibc's keeps much of it (docs/benchmarks.md has the peak memory of each). auto:
     # tcmalloc when installed (conda: gperftools; Debian: libtcmalloc-minimal4), else the system's;
     # the results do not depend on it (bit-identical).
     allocator: str = "auto"
@@ -230,7 +228,7 @@ class Experiment:
     def data_file(self) -> str:
         """The file the train step reads."""
         if self.mixed:
-            return mixture_file(self.name)
+            return LAYOUT.mixture.format(exp=self.name)
         name = self.mixture[0].name
         return dataset_file(name, self.datasets[name])
 
@@ -420,46 +418,79 @@ def _value(text: str) -> Any:
 # ---------------------------------------------------------------- where the files go
 
 
+class _Wildcards(dict):
+    """Fills in the wildcards it holds and leaves every other one a wildcard."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The workflow's file layout, for the CLI's defaults (the rules spell the same paths)."""
+    """Where every step's files go: the one place a path of the workflow is written.
 
-    experiment: str
-    model_name: str
-    data_file: str  # what the train step reads: the one dataset's file or the mixture's
+    :data:`LAYOUT` holds the patterns, in the workflow's wildcards (``{exp}``,
+    ``{model}``, ``{dataset}``): the rules use them as they are, through
+    ``rules/common.smk``; :meth:`of` fills them in for one experiment, for the
+    CLI's defaults and the tests. Every rule's log and benchmark go to
+    :meth:`log` and :meth:`benchmark`.
+    """
+
+    model_dir: str = "resources/models/{model}"
+    downloads: str = "resources/downloads"
+    generated_data: str = "results/data/generated/{dataset}.json"
+    converted_data: str = "results/data/converted/{dataset}.json"
+    replay_data: str = "results/data/replay/{dataset}.json"
+    mixture: str = "results/data/mixed/{exp}/data.json"
+    # what went into a mixture: each dataset's file, hash, records and repeat (for provenance)
+    mixture_sources: str = "results/data/mixed/{exp}/sources.json"
+    data_check: str = "results/{exp}/data_check.txt"
+    # checkpoints: not a declared output, so that Snakemake never deletes them and a re-run resumes
+    work_dir: str = "work_dirs/{exp}"
+    summary: str = "results/{exp}/training.json"
+    metrics: str = "results/{exp}/metrics.jsonl"
+    provenance: str = "results/{exp}/provenance.json"
+    adapter: str = "results/{exp}/adapter"
+    merged: str = "results/{exp}/merged"
+    answers: str = "results/{exp}/evaluation.jsonl"
+    evaluation: str = "results/{exp}/evaluation.md"
+    evaluation_summary: str = "results/{exp}/evaluation.json"
+    curves: str = "results/{exp}/report/training_curves.svg"
+    evaluation_page: str = "results/{exp}/report/evaluation.html"
+    provenance_page: str = "results/{exp}/report/provenance.html"
+    benchmarks_page: str = "results/{exp}/report/benchmarks.html"
+
+    def format(self, **wildcards: str) -> Layout:
+        """The layout with the given wildcards filled in (``exp="identity"``); others stay wildcards."""
+        fill = _Wildcards(wildcards)
+        return Layout(**{key: pattern.format_map(fill) for key, pattern in asdict(self).items()})
 
     @classmethod
-    def of(cls, exp: Experiment) -> "Layout":
-        return cls(exp.name, exp.model_name, exp.data_file)
+    def of(cls, exp: Experiment) -> Layout:
+        """One experiment's files (its datasets' files: :func:`dataset_file`)."""
+        return LAYOUT.format(exp=exp.name, model=exp.model_name)
 
-    @property
-    def model_dir(self) -> str:
-        return model_dir(self.model_name)
+    def dataset(self, step: str) -> str:
+        """The file of a dataset made by ``step`` (generate_data, convert_data or replay_data)."""
+        return {"generate_data": self.generated_data, "convert_data": self.converted_data,
+                "replay_data": self.replay_data}[step]
 
-    @property
-    def mixture_sources(self) -> str:
-        return mixture_sources_file(self.experiment)
+    def report(self) -> list[str]:
+        """The parts of ``snakemake --report``."""
+        return [self.curves, self.evaluation_page, self.provenance_page, self.benchmarks_page]
 
-    @property
-    def work_dir(self) -> str:
-        return f"work_dirs/{self.experiment}"
+    @staticmethod
+    def log(rule: str, name: str) -> str:
+        """A rule's log; ``name`` is a wildcard (``"{exp}"``) or its value."""
+        return f"logs/{rule}/{name}.log"
 
-    def result(self, name: str) -> str:
-        return f"results/{self.experiment}/{name}"
+    @staticmethod
+    def benchmark(rule: str, name: str) -> str:
+        return f"benchmarks/{rule}/{name}.tsv"
 
 
-def model_dir(model_name: str) -> str:
-    return f"resources/models/{model_name}"
+LAYOUT = Layout()
 
 
 def dataset_file(dataset_name: str, dataset: DatasetConfig) -> str:
-    return f"results/data/{dataset.folder}/{dataset_name}.json"
-
-
-def mixture_file(experiment: str) -> str:
-    return f"results/data/mixed/{experiment}/data.json"
-
-
-def mixture_sources_file(experiment: str) -> str:
-    """What went into a mixture: each dataset's file, hash, records and repeat (for provenance)."""
-    return f"results/data/mixed/{experiment}/sources.json"
+    return LAYOUT.dataset(dataset.step).format(dataset=dataset_name)

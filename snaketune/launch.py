@@ -7,10 +7,12 @@ launcher, and every rank dies with it (:func:`die_with_parent`).
 
 The memory allocator is chosen here too (``train.allocator``): glibc's malloc keeps
 much of the memory a training step frees in its arenas, where tcmalloc (gperftools)
-reuses it (the default experiment's training on a CPU: peak RSS 2.42 GB on glibc's,
-2.00 GB on tcmalloc; README, "Training speed"). A preload must be in place when a
+reuses it (docs/benchmarks.md compares the two). A preload must be in place when a
 process starts, so a one-rank job that should run on tcmalloc also becomes a fresh
 process (same pid) with ``LD_PRELOAD`` set.
+
+Each rank runs :mod:`snaketune.rank_main` (:data:`RANK_MODULE`), which this module
+names but never imports: the launcher stays below the steps it starts.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .dist import rank  # noqa: F401  (launch.rank, as before)
-
 log = logging.getLogger(__name__)
 
 TCMALLOC = "libtcmalloc_minimal.so.4"  # gperftools' malloc without its profilers
+# What each rank runs: ``python -m snaketune.rank_main JOB`` (JOB: the train step's job as JSON).
+RANK_MODULE = "snaketune.rank_main"
 ALLOCATORS = ("auto", "tcmalloc", "system")
 
 
@@ -42,6 +44,10 @@ def inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def ensure_dist_env() -> None:
     """A lone process gets the rendezvous variables DeepSpeed would otherwise look for through MPI."""
     if "RANK" not in os.environ:
@@ -49,12 +55,12 @@ def ensure_dist_env() -> None:
                           MASTER_PORT=str(free_port()))
 
 
-def torchrun_command(ranks: int, call: dict[str, Any], *, master_port: int | None = None) -> list[str]:
-    """One node, ``ranks`` processes of ``python -m snaketune.launch CALL`` (CALL: the train step's
-    arguments as JSON)."""
+def torchrun_command(ranks: int, job: dict[str, Any], *, master_port: int | None = None) -> list[str]:
+    """One node, ``ranks`` processes of ``python -m snaketune.rank_main JOB`` (JOB: the train step's
+    job, ``asdict`` of it, as JSON)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
             "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
-            "-m", "snaketune.launch", json.dumps(call)]
+            "-m", RANK_MODULE, json.dumps(job)]
 
 
 def find_tcmalloc() -> str | None:
@@ -98,19 +104,17 @@ def allocator_env(setting: str) -> dict[str, str] | None:
         log.warning("allocator: LD_PRELOAD names %s but it did not load; training on %s", lib, malloc_in_use())
         return None
     return {# a training's memory stays in use to its end: handing freed pages back to the system only to
-            # fault them in again at the next step cost the default experiment's train job 14% more CPU
-            # time (glibc 432 s, tcmalloc 492 s, tcmalloc without releasing 376 s; same peak, 2.15 GB)
+            # fault them in again at the next step costs CPU time and saves no peak memory
             "TCMALLOC_RELEASE_RATE": "0",
             **os.environ, "LD_PRELOAD": " ".join(p for p in (lib, preload) if p),
             # tcmalloc reports every allocation over 1 GiB on stderr (a 7B model's load makes many)
             "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
-def relaunch(ranks: int, call: dict[str, Any], env: dict[str, str] | None = None) -> NoReturn:
-    """Become torchrun, running the train step once per rank (same arguments), or, for one rank,
-    become a fresh process of the train step in ``env`` (the allocator's preload)."""
-    cmd = (torchrun_command(ranks, call) if ranks > 1 else
-           [sys.executable, "-m", "snaketune.launch", json.dumps(call)])
+def relaunch(ranks: int, job: dict[str, Any], env: dict[str, str] | None = None) -> NoReturn:
+    """Become torchrun, running the train step's ``job`` once per rank, or, for one rank, become a
+    fresh process of it in ``env`` (the allocator's preload)."""
+    cmd = torchrun_command(ranks, job) if ranks > 1 else [sys.executable, "-m", RANK_MODULE, json.dumps(job)]
     env = dict(env or os.environ)
     # The ranks import this very package, installed or not (a conda env installs only its dependencies).
     root = str(Path(__file__).resolve().parents[1])
@@ -143,19 +147,3 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main(argv: list[str]) -> None:
-    """What each rank runs under torchrun (or the one rank, started afresh for its allocator)."""
-    from . import steps
-    from .joblog import job
-
-    call = json.loads(argv[0])
-    if inside_launcher():
-        die_with_parent()
-    with job(call.pop("log_file", None)):
-        steps.train(**call)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

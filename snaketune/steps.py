@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import DatasetConfig, EvaluationConfig, ExportConfig, LoraConfig, MergeConfig, ModelConfig, TrainConfig
 from .files import write_json
@@ -119,47 +120,85 @@ def fetch_model(model: ModelConfig, output: PathLike, cache_dir: PathLike) -> No
     fetch(model, output, cache_dir)
 
 
-def train(*, model_dir: PathLike, data_file: PathLike, work_dir: PathLike, summary: PathLike,
-          train: TrainConfig | dict, model: ModelConfig | dict, record: dict | None = None,
-          metrics: PathLike | None = None, provenance: PathLike | None = None, ranks: int = 1,
-          threads: int | None = None, workflow_dir: PathLike = ".", log_file: str | None = None,
-          mixture_sources: PathLike | None = None) -> None:
-    """Train (on ``ranks`` ranks), then write the summary, metrics and provenance.
+@dataclass
+class TrainJob:
+    """What the train step reads, writes and trains with, as one object: built once from the rule
+    (``scripts/train.py``) or from the command line (``snaketune train``), and handed whole to every
+    rank through the relaunch (``asdict`` as JSON; :meth:`from_dict` rebuilds it)."""
 
-    With more than one rank this process becomes torchrun, which runs this
-    same function once per rank; only rank 0 writes the results. The summary
-    is written last: its presence means training finished. ``mixture_sources`` (written by
-    :func:`mix_data`) goes into the provenance when the data is a mixture.
+    model_dir: str
+    data_file: str
+    work_dir: str  # checkpoints (iter_N.pth) and the per-step metrics
+    summary: str  # written last: its presence means training finished
+    train: TrainConfig
+    model: ModelConfig
+    metrics: str | None = None
+    provenance: str | None = None
+    record: dict[str, Any] | None = None  # what provenance.json records beside train and model
+    mixture_sources: str | None = None  # mix_data's record of a mixture, for the provenance
+    ranks: int = 1
+    threads: int | None = None  # CPU threads in all, shared among the ranks
+    workflow_dir: str = "."
+    log_file: str | None = None
+
+    def __post_init__(self) -> None:
+        # plain strings, whatever path type the caller had, so that the job is JSON as it is
+        for name in ("model_dir", "data_file", "work_dir", "summary", "metrics", "provenance", "mixture_sources",
+                     "workflow_dir", "log_file"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
+        from .config import from_dict
+
+        return from_dict(cls, data, "train job")
+
+    def per_rank(self) -> TrainJob:
+        """The job as each rank runs it: the job's threads shared among its ranks."""
+        if self.ranks <= 1:
+            return self
+        return replace(self, threads=max(1, (self.threads or 1) // self.ranks))
+
+
+def train(job: TrainJob) -> None:
+    """Train (on ``job.ranks`` ranks), then write the summary, metrics and provenance.
+
+    With more than one rank, or a malloc to preload, this process becomes torchrun (or a fresh
+    process of itself), which runs this same function with the same job once per rank; only rank 0
+    writes the results. The summary is written last: its presence means training finished.
     """
-    from . import provenance as prov
-    from .config import from_dict
     from .launch import allocator_env, inside_launcher, relaunch
-    from .train import METRICS, train as run
+    from .train import train as run
 
-    cfg, model = from_dict(TrainConfig, train, "train"), from_dict(ModelConfig, model, "model")
-    env = None if inside_launcher() else allocator_env(cfg.allocator)
-    if (ranks > 1 or env) and not inside_launcher():
-        call = dict(model_dir=str(model_dir), data_file=str(data_file), work_dir=str(work_dir), summary=str(summary),
-                    train=asdict(cfg), model=asdict(model), record=record,
-                    metrics=metrics and str(metrics), provenance=provenance and str(provenance), ranks=ranks,
-                    threads=max(1, (threads or 1) // ranks) if ranks > 1 else threads,
-                    workflow_dir=str(workflow_dir), log_file=log_file,
-                    mixture_sources=mixture_sources and str(mixture_sources))
-        relaunch(ranks, call, env)
-    training_summary = run(model_dir, data_file, work_dir, cfg, threads=threads, trust_remote_code=model.trust_remote_code)
+    env = None if inside_launcher() else allocator_env(job.train.allocator)
+    if (job.ranks > 1 or env) and not inside_launcher():
+        relaunch(job.ranks, asdict(job.per_rank()), env)
+    training_summary = run(job.model_dir, job.data_file, job.work_dir, job.train, threads=job.threads,
+                           trust_remote_code=job.model.trust_remote_code)
     if training_summary is None:  # not rank 0
         return
-    if metrics:
-        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(work_dir) / METRICS, metrics)
-    if provenance:
-        if mixture_sources:
-            record = {**(record or {}), "mixture_sources": json.loads(Path(mixture_sources).read_text())}
-        prov.write(provenance, config={**(record or {}), "train": asdict(cfg), "model_entry": asdict(model)},
-                   data_file=data_file, model_dir=model_dir, workflow_dir=workflow_dir, seed=cfg.seed,
-                   world_size=training_summary["world_size"], runs=training_summary["runs"],
+    _write_results(job, training_summary)
+
+
+def _write_results(job: TrainJob, training_summary: dict) -> None:
+    """Rank 0, once training finished: the metrics' copy, the provenance, then the summary."""
+    from . import provenance as prov
+    from .train import METRICS
+
+    if job.metrics:
+        Path(job.metrics).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(job.work_dir) / METRICS, job.metrics)
+    if job.provenance:
+        record = dict(job.record or {})
+        if job.mixture_sources:
+            record["mixture_sources"] = json.loads(Path(job.mixture_sources).read_text())
+        prov.write(job.provenance, config={**record, "train": asdict(job.train), "model_entry": asdict(job.model)},
+                   data_file=job.data_file, model_dir=job.model_dir, workflow_dir=job.workflow_dir,
+                   seed=job.train.seed, world_size=training_summary["world_size"], runs=training_summary["runs"],
                    device=training_summary["device"])
-    write_json(summary, training_summary)
+    write_json(job.summary, training_summary)
 
 
 def checkpoint_of(summary_or_checkpoint: PathLike) -> Path:
@@ -172,14 +211,14 @@ def checkpoint_of(summary_or_checkpoint: PathLike) -> Path:
 
 def pth_to_hf(checkpoint: PathLike, output: PathLike, lora: LoraConfig, export: ExportConfig,
               base_model: str) -> None:
-    from .adapter import pth_to_hf as convert
+    from .export import pth_to_hf as convert
 
     convert(checkpoint_of(checkpoint), output, lora, base_model, export)
 
 
 def merge(base: PathLike, adapter: PathLike, output: PathLike, merge: MergeConfig, *, template: str,
           trust_remote_code: bool = False) -> None:
-    from .merge import merge as run
+    from .export import merge as run
 
     run(base, adapter, output, template, merge, trust_remote_code=trust_remote_code)
 

@@ -1,14 +1,13 @@
 """The experiment as one typed object: defaults in one place, references checked, overrides, the CLI."""
 
 import dataclasses
-import json
+import re
 
 import pytest
 import yaml
 
 from snaketune import config as cfg
-from snaketune.config import load, resolve
-from snaketune.errors import ConfigError
+from snaketune.config import ConfigError, load, resolve
 
 from .conftest import ROOT, read_jsonl, run_cli, tiny_config
 
@@ -116,21 +115,26 @@ def test_cli_reads_the_config_with_overrides(tmp_path):
 
 
 def test_layout_is_the_workflows():
+    """Every path is written once, in config.Layout: the rules take theirs from it, the CLI fills it in."""
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    layout = cfg.Layout.of(resolve(config, "identity"))
+    exp = resolve(config, "identity")
+    layout = cfg.Layout.of(exp)
     assert layout.model_dir == "resources/models/smollm2_135m_instruct"
-    assert layout.data_file == "results/data/mixed/identity/data.json"  # a mixture
+    assert exp.data_file == layout.mixture == "results/data/mixed/identity/data.json"  # a mixture
     assert layout.mixture_sources == "results/data/mixed/identity/sources.json"
     config["experiments"]["identity"]["dataset"] = "self_cognition"  # one dataset: its own file
-    assert cfg.Layout.of(resolve(config, "identity")).data_file == "results/data/generated/self_cognition.json"
-    assert layout.work_dir == "work_dirs/identity" and layout.result("adapter") == "results/identity/adapter"
-    # the rules spell the same paths
-    rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
-    for path in ('"results/{exp}/adapter"', '"results/{exp}/training.json"', 'f"work_dirs/{wc.exp}"'):
-        assert path in rules, path
-    assert json.dumps(cfg.model_dir("{model}")) in rules and "results/data/generated/{dataset}.json" in rules
-    assert json.dumps(cfg.mixture_file("{exp}")) in rules and json.dumps(cfg.mixture_sources_file("{exp}")) in rules
-    assert '"results/data/replay/{dataset}.json"' in rules
+    assert resolve(config, "identity").data_file == "results/data/generated/self_cognition.json"
+    assert layout.work_dir == "work_dirs/identity" and layout.adapter == "results/identity/adapter"
+    assert layout.summary == "results/identity/training.json" and layout.merged == "results/identity/merged"
+    assert cfg.LAYOUT.replay_data == "results/data/replay/{dataset}.json"
+    assert cfg.LAYOUT.format(exp="identity").model_dir == "resources/models/{model}"  # others stay wildcards
+    assert cfg.LAYOUT.log("train", "{exp}") == "logs/train/{exp}.log"
+    assert cfg.LAYOUT.benchmark("fetch_model", "m") == "benchmarks/fetch_model/m.tsv"
+    # the rules spell no path of their own
+    rules = {p.name: p.read_text() for p in (ROOT / "rules").glob("*.smk")}
+    for name, text in rules.items():
+        assert not re.search(r"""["'](results|resources|work_dirs|logs|benchmarks)/""", text), name
+    assert "LAYOUT.adapter" in rules["export.smk"] and "LAYOUT.summary" in rules["train.smk"]
 
 
 def test_a_dataset_is_one_name_or_a_mixture():

@@ -6,11 +6,10 @@ import subprocess
 import pytest
 import torch
 
-from snaketune.adapter import pth_to_hf
 from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import ExportConfig, LoraConfig
+from snaketune.export import pth_to_hf, read_lora_state
 from snaketune.launch import torchrun_command
-from snaketune.lora_state import read_lora_state
 from snaketune.safe_pickle import load_checkpoint
 
 from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
@@ -82,7 +81,7 @@ def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     from snaketune.config import TrainConfig
     from snaketune.data import read_records
     from snaketune.model import load_tokenizer
-    from snaketune.batching import encode_dataset, epoch_batches
+    from snaketune.train import encode_dataset, epoch_batches
 
     from .test_train import TINY
 
@@ -128,4 +127,4 @@ def test_torchrun_runs_the_train_step_once_per_rank():
     call = {"model_dir": "m", "ranks": 2}
     cmd = torchrun_command(2, call, master_port=1234)
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "1234"
-    assert cmd[-3:-1] == ["-m", "snaketune.launch"] and json.loads(cmd[-1]) == call
+    assert cmd[-3:-1] == ["-m", "snaketune.rank_main"] and json.loads(cmd[-1]) == call

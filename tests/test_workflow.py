@@ -288,8 +288,8 @@ def _training_job_pids(workdir: Path) -> list[int]:
         try:
             cmd = " ".join(p.info["cmdline"] or [])
             # the job's script, or the same process once it started itself again on tcmalloc
-            # (train.allocator: `python -m snaketune.launch`, same pid)
-            train = "train.py" in cmd or "-m snaketune.launch" in cmd
+            # (train.allocator: `python -m snaketune.rank_main`, same pid)
+            train = "train.py" in cmd or "-m snaketune.rank_main" in cmd
             if p.info["cwd"] == str(workdir) and "snakemake" not in cmd.split(" ")[1:3] and train:
                 pids.append(p.info["pid"])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -305,7 +305,7 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
 
     import torch
 
-    from snaketune.lora_state import read_lora_state
+    from snaketune.export import read_lora_state
     from snaketune.checkpoints import COMPLETE
 
     wd = copy_workflow(tmp_path / "wf")
