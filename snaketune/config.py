@@ -29,13 +29,10 @@ from typing import Any
 import yaml
 
 from .data import LOSSES
+from .errors import ConfigError
 
 # Names become directory names: no separators, no "." or "..".
 NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
-
-
-class ConfigError(ValueError):
-    """A config problem, naming the key path (``experiments.identity.train.lr``) and the fix."""
 
 
 # ---------------------------------------------------------------- sections

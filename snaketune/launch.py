@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .dist import rank  # noqa: F401  (launch.rank, as before)
+
 log = logging.getLogger(__name__)
 
 TCMALLOC = "libtcmalloc_minimal.so.4"  # gperftools' malloc without its profilers
@@ -42,10 +44,6 @@ def free_port() -> int:
 
 def inside_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def ensure_dist_env() -> None:

@@ -211,14 +211,14 @@ def checkpoint_of(summary_or_checkpoint: PathLike) -> Path:
 
 def pth_to_hf(checkpoint: PathLike, output: PathLike, lora: LoraConfig, export: ExportConfig,
               base_model: str) -> None:
-    from .export import pth_to_hf as convert
+    from .adapter import pth_to_hf as convert
 
     convert(checkpoint_of(checkpoint), output, lora, base_model, export)
 
 
 def merge(base: PathLike, adapter: PathLike, output: PathLike, merge: MergeConfig, *, template: str,
           trust_remote_code: bool = False) -> None:
-    from .export import merge as run
+    from .merge import merge as run
 
     run(base, adapter, output, template, merge, trust_remote_code=trust_remote_code)
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from snaketune import config as cfg
-from snaketune.config import ConfigError, load, resolve
+from snaketune.config import load, resolve
+from snaketune.errors import ConfigError
 
 from .conftest import ROOT, read_jsonl, run_cli, tiny_config
 

@@ -6,10 +6,11 @@ import subprocess
 import pytest
 import torch
 
+from snaketune.adapter import pth_to_hf
 from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import ExportConfig, LoraConfig
-from snaketune.export import pth_to_hf, read_lora_state
 from snaketune.launch import torchrun_command
+from snaketune.lora_state import read_lora_state
 from snaketune.safe_pickle import load_checkpoint
 
 from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
@@ -81,7 +82,7 @@ def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     from snaketune.config import TrainConfig
     from snaketune.data import read_records
     from snaketune.model import load_tokenizer
-    from snaketune.train import encode_dataset, epoch_batches
+    from snaketune.batching import encode_dataset, epoch_batches
 
     from .test_train import TINY
 

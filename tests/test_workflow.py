@@ -305,7 +305,7 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
 
     import torch
 
-    from snaketune.export import read_lora_state
+    from snaketune.lora_state import read_lora_state
     from snaketune.checkpoints import COMPLETE
 
     wd = copy_workflow(tmp_path / "wf")
