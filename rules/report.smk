@@ -18,19 +18,19 @@ rule report_experiment:
             category="Training",
             labels={"experiment": "{exp}", "figure": "loss, lr, grad norm"},
         ),
-        evaluation=report(
+        evaluation_page=report(
             LAYOUT.evaluation_page,
             caption="../report/evaluation.rst",
             category="Evaluation",
             labels={"experiment": "{exp}", "table": "base vs fine-tuned"},
         ),
-        provenance=report(
+        provenance_page=report(
             LAYOUT.provenance_page,
             caption="../report/provenance.rst",
             category="Provenance",
             labels={"experiment": "{exp}", "table": "provenance"},
         ),
-        benchmarks=report(
+        benchmarks_page=report(
             LAYOUT.benchmarks_page,
             caption="../report/benchmarks.rst",
             category="Benchmarks",

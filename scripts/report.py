@@ -9,9 +9,6 @@ if "snakemake" not in globals():
     by_hand("report")
 else:
     with job(snakemake.log[0]):
-        steps.report(title=snakemake.wildcards.exp, metrics=snakemake.input.metrics,
-                     evaluation=snakemake.input.evaluation,
-                     evaluation_summary=snakemake.input.evaluation_summary, provenance=snakemake.input.provenance,
-                     benchmarks=list(snakemake.input.benchmarks), curves=snakemake.output.curves,
-                     evaluation_page=snakemake.output.evaluation, provenance_page=snakemake.output.provenance,
-                     benchmarks_page=snakemake.output.benchmarks)
+        # the rule's input and output names are the job's fields
+        steps.report(steps.ReportJob.from_dict({"title": snakemake.wildcards.exp, **snakemake.input,
+                                                **snakemake.output}))

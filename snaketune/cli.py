@@ -159,10 +159,11 @@ def cmd_merge(args) -> None:
 
 def cmd_evaluate(args) -> None:
     exp, layout = experiment_of(args)
-    steps.evaluate(args.base or layout.model_dir, args.adapter or layout.adapter, args.merged or layout.merged,
-                   exp.evaluation, template=exp.train.template, system=exp.train.SYSTEM,
-                   data_file=args.data or exp.data_file, answers=layout.answers, markdown=layout.evaluation,
-                   summary=layout.evaluation_summary, trust_remote_code=exp.model.trust_remote_code)
+    steps.evaluate(steps.EvaluateJob(
+        model=args.base or layout.model_dir, adapter=args.adapter or layout.adapter,
+        merged=args.merged or layout.merged, data=args.data or exp.data_file, answers=layout.answers,
+        markdown=layout.evaluation, summary=layout.evaluation_summary, evaluation=exp.evaluation,
+        template=exp.train.template, system=exp.train.SYSTEM, trust_remote_code=exp.model.trust_remote_code))
 
 
 def cmd_report(args) -> None:
@@ -170,11 +171,12 @@ def cmd_report(args) -> None:
     benchmarks = sorted(Path().glob(LAYOUT.benchmark("*", exp.name))) + [
         Path(LAYOUT.benchmark("fetch_model", exp.model_name)),
         *(Path(LAYOUT.benchmark(rule, name)) for rule, name in exp.data_jobs())]
-    steps.report(title=exp.name, metrics=layout.metrics, evaluation=layout.answers,
-                 evaluation_summary=layout.evaluation_summary, provenance=layout.provenance,
-                 benchmarks=[b for b in benchmarks if b.exists()], curves=layout.curves,
-                 evaluation_page=layout.evaluation_page, provenance_page=layout.provenance_page,
-                 benchmarks_page=layout.benchmarks_page)
+    steps.report(steps.ReportJob(
+        title=exp.name, metrics=layout.metrics, evaluation=layout.answers,
+        evaluation_summary=layout.evaluation_summary, provenance=layout.provenance,
+        benchmarks=[str(b) for b in benchmarks if b.exists()], curves=layout.curves,
+        evaluation_page=layout.evaluation_page, provenance_page=layout.provenance_page,
+        benchmarks_page=layout.benchmarks_page))
 
 
 # ---------------------------------------------------------------- chat, web page, XTuner's config and dataset tools

@@ -39,8 +39,8 @@ NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
 
 
 class Section:
-    """A config section; rules hand it to scripts as a plain dict (``asdict``), which Snakemake can
-    compare between runs, and scripts turn it back with ``from_dict``."""
+    """A config section (or a step's job): it travels as a plain dict (``asdict``: rule params, which
+    Snakemake can compare between runs, or JSON to the training ranks) and comes back with ``from_dict``."""
 
     @classmethod
     def from_dict(cls, data: Any, where: str | None = None):

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DatasetConfig, EvaluationConfig, ExportConfig, LoraConfig, MergeConfig, ModelConfig, TrainConfig
+from .config import (DatasetConfig, EvaluationConfig, ExportConfig, LoraConfig, MergeConfig, ModelConfig,
+                     Section, TrainConfig)
 from .files import write_json
 
 log = logging.getLogger("snaketune")
@@ -121,7 +122,7 @@ def fetch_model(model: ModelConfig, output: PathLike, cache_dir: PathLike) -> No
 
 
 @dataclass
-class TrainJob:
+class TrainJob(Section):
     """What the train step reads, writes and trains with, as one object: built once from the rule
     (``scripts/train.py``) or from the command line (``snaketune train``), and handed whole to every
     rank through the relaunch (``asdict`` as JSON; :meth:`from_dict` rebuilds it)."""
@@ -148,12 +149,6 @@ class TrainJob:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
-        from .config import from_dict
-
-        return from_dict(cls, data, "train job")
 
     def per_rank(self) -> TrainJob:
         """The job as each rank runs it: the job's threads shared among its ranks."""
@@ -223,22 +218,56 @@ def merge(base: PathLike, adapter: PathLike, output: PathLike, merge: MergeConfi
     run(base, adapter, output, template, merge, trust_remote_code=trust_remote_code)
 
 
-def evaluate(base: PathLike, adapter: PathLike, merged: PathLike, evaluation: EvaluationConfig, *,
-             template: str, system: str, data_file: PathLike | None, answers: PathLike, markdown: PathLike,
-             summary: PathLike, trust_remote_code: bool = False) -> dict:
+@dataclass
+class EvaluateJob(Section):
+    """The evaluate step's files and settings. The fields are the evaluate rule's input, output and
+    params names, so its script builds the job from the rule as it is; ``snaketune evaluate`` fills
+    it in from the experiment's layout."""
+
+    model: str  # the base model
+    adapter: str
+    merged: str
+    data: str | None  # the training data: which prompts were trained on, which held out
+    answers: str
+    markdown: str
+    summary: str
+    evaluation: EvaluationConfig
+    template: str
+    system: str = ""
+    trust_remote_code: bool = False
+
+
+def evaluate(job: EvaluateJob) -> dict:
     from .evaluate import evaluate as run, training_prompts
 
-    return run(base, adapter, merged, evaluation, template=template, system=system,
-               trained_prompts=training_prompts(data_file) if data_file else set(),
-               trust_remote_code=trust_remote_code, out_jsonl=answers, out_md=markdown, out_summary=summary)
+    return run(job.model, job.adapter, job.merged, job.evaluation, template=job.template, system=job.system,
+               trained_prompts=training_prompts(job.data) if job.data else set(),
+               trust_remote_code=job.trust_remote_code, out_jsonl=job.answers, out_md=job.markdown,
+               out_summary=job.summary)
 
 
-def report(*, title: str, metrics: PathLike, evaluation: PathLike, evaluation_summary: PathLike,
-           provenance: PathLike, benchmarks: list[PathLike], curves: PathLike, evaluation_page: PathLike,
-           provenance_page: PathLike, benchmarks_page: PathLike) -> None:
+@dataclass
+class ReportJob(Section):
+    """The report's parts for one experiment: what they are made from and where they go. The fields
+    are the report_experiment rule's input and output names (``title``: the experiment)."""
+
+    title: str
+    metrics: str
+    evaluation: str  # the answers, one JSON line each
+    evaluation_summary: str
+    provenance: str
+    benchmarks: list[str]
+    curves: str
+    evaluation_page: str
+    provenance_page: str
+    benchmarks_page: str
+
+
+def report(job: ReportJob) -> None:
     from . import report as parts
 
-    parts.training_curves(metrics, curves, title=f"{title}: training")
-    parts.evaluation_page(evaluation, evaluation_summary, evaluation_page, title=f"{title}: base vs fine-tuned")
-    parts.provenance_page(provenance, provenance_page, title=f"{title}: provenance")
-    parts.benchmarks_page(benchmarks, benchmarks_page, title=f"{title}: benchmarks")
+    parts.training_curves(job.metrics, job.curves, title=f"{job.title}: training")
+    parts.evaluation_page(job.evaluation, job.evaluation_summary, job.evaluation_page,
+                          title=f"{job.title}: base vs fine-tuned")
+    parts.provenance_page(job.provenance, job.provenance_page, title=f"{job.title}: provenance")
+    parts.benchmarks_page(job.benchmarks, job.benchmarks_page, title=f"{job.title}: benchmarks")
