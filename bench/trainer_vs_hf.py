@@ -305,7 +305,7 @@ def experiment_workload(args, tmp: Path) -> dict:
     exp = resolve(config, name)
     layout = Layout.of(exp)
     model_dir = Path(args.model or ROOT / layout.model_dir)
-    data_file = Path(args.data or ROOT / layout.data_file)
+    data_file = Path(args.data or ROOT / exp.data_file)
     for path, made_by in ((model_dir, "fetch_model"), (data_file, "the data rules")):
         if not path.exists():
             raise SystemExit(f"{path} does not exist: run the workflow first (snakemake --cores all final_model), "
