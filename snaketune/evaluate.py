@@ -57,7 +57,8 @@ def evaluate(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, merged
     if problems:
         # Snakemake deletes the outputs of a failed job: keep the answers and metrics in the log.
         log.error("the evaluation:\n%s", table)
-        raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems))
+        raise CheckFailed("evaluation checks failed:\n- " + "\n- ".join(problems),
+                          hint="the answers and metrics are in this log; docs/evaluation.md explains each check")
     return summary
 
 
