@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .dist import rank  # noqa: F401  (launch.rank, as before)
-
 log = logging.getLogger(__name__)
 
 TCMALLOC = "libtcmalloc_minimal.so.4"  # gperftools' malloc without its profilers
