@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .conftest import TINY_BASE
+from .helpers import TINY_BASE
 
 BOS, EOS = 0, 2  # the fixture tokenizer's <|endoftext|>, <|im_end|>
 

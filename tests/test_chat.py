@@ -27,7 +27,7 @@ from snaketune.merge import merge
 from snaketune.model import load_base, load_peft_model
 
 from .chat_model import argmax_answer, build_adapter, build_talking_model, chatml
-from .conftest import XTUNER, run_cli
+from .helpers import XTUNER, run_cli
 
 BOS, EOS = 0, 2
 SYSTEM = "You are Snaky."
@@ -150,6 +150,7 @@ def test_a_conversation_beyond_the_context_asks_for_a_reset(talking, capsys):
 # ---------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_cli_reads_stdin_keeps_history_resets_and_exits(talking, tmp_path):
     """An experiment name: its results/<exp>/merged, its template and SYSTEM; prompts piped in."""
     config = {"run": ["talk"], "models": {"talk": {"source": "local", "path": str(talking.base)}},
@@ -172,6 +173,7 @@ def test_cli_reads_stdin_keeps_history_resets_and_exits(talking, tmp_path):
     assert first and second != alone  # non-empty; the history mattered
 
 
+@pytest.mark.slow
 def test_cli_on_directories_merged_and_base_with_adapter(talking):
     """A merged directory needs no --prompt-template: its saved chat template is the training format,
     also for the second turn; a base model with --adapter answers as the PEFT model does."""
@@ -198,6 +200,7 @@ def test_bits_4_is_refused_on_cpu(talking, capsys):
     assert "--bits 4" in err and "CUDA GPU" in err
 
 
+@pytest.mark.slow
 def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
     """On a terminal: a >>> prompt, the answer, the next prompt; Ctrl-D quits."""
     leader, follower = pty.openpty()

@@ -10,7 +10,7 @@ from snaketune import config as cfg
 from snaketune.config import load, resolve
 from snaketune.errors import ConfigError
 
-from .conftest import ROOT, read_jsonl, run_cli, tiny_config
+from .helpers import ROOT, read_jsonl, run_cli, tiny_config
 
 SCHEMA = yaml.safe_load((ROOT / "config/schema.yaml").read_text())
 EXPERIMENT = SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"]

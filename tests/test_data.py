@@ -7,7 +7,7 @@ import pytest
 from snaketune.data import convert, convert_file, read_records, self_cognition, write_records
 from snaketune.errors import DataError
 
-from .conftest import XTUNER, run_cli, tiny_config
+from .helpers import XTUNER, run_cli, tiny_config
 
 
 def conv(fmt, records, path="in.json"):

@@ -12,7 +12,7 @@ import pytest
 
 from snaketune.cli import main
 
-from .conftest import ROOT, TINY_BASE, tiny_config
+from .helpers import ROOT, TINY_BASE, tiny_config
 
 BOS, EOS = 0, 2
 PRESETS = sorted(p.removesuffix(".yaml") for p in (p.name for p in (ROOT / "config" / "presets").iterdir())

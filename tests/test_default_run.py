@@ -15,8 +15,7 @@ import pytest
 
 from snaketune import evalsets
 
-from .conftest import ROOT, copy_workflow, read_jsonl
-from .test_workflow import planned_rules, snakemake
+from .helpers import ROOT, copy_workflow, planned_rules, read_jsonl, snakemake
 
 
 @pytest.mark.slow

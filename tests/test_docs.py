@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT, copy_workflow
-from .test_workflow import SNAKEMAKE, conda_on_path, planned_rules
+from .helpers import ROOT, SNAKEMAKE, conda_on_path, copy_workflow, planned_rules
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

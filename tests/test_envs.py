@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def pins(lines) -> dict[str, str]:

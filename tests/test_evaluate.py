@@ -20,8 +20,7 @@ from snaketune.evaluate import evaluate
 from snaketune.generation import Answer, answer_nll, generate_answers
 from snaketune.model import load_base, load_tokenizer
 
-from .conftest import TINY_BASE, copy_workflow, read_jsonl
-from .test_workflow import TINY_CONFIG, snakemake
+from .helpers import TINY_BASE, TINY_CONFIG, copy_workflow, read_jsonl, snakemake
 
 TEMPLATE = "internlm2_chat"
 
@@ -315,6 +314,7 @@ def mixed_run(tmp_path_factory, chatty):
     return wd, snakemake(wd, "final_model", check=False)
 
 
+@pytest.mark.slow
 def test_replay_rule_writes_the_models_own_answers_to_training_questions_only(mixed_run, chatty):
     wd, _ = mixed_run
     records = json.loads((wd / "results/data/replay/replay.json").read_text())
@@ -336,6 +336,7 @@ def test_replay_rule_writes_the_models_own_answers_to_training_questions_only(mi
     assert (wd / "benchmarks/replay_data/replay.tsv").exists() and (wd / "logs/replay_data/replay.log").exists()
 
 
+@pytest.mark.slow
 def test_mixture_record_counts_and_provenance(mixed_run):
     wd, _ = mixed_run
     replay = json.loads((wd / "results/data/replay/replay.json").read_text())
@@ -358,6 +359,7 @@ def test_mixture_record_counts_and_provenance(mixed_run):
     assert trained["samples"] == len(data) and trained["kl_samples"] == round(len(replay) / 2)
 
 
+@pytest.mark.slow
 def test_evaluation_only_questions_never_reach_training_data(mixed_run):
     wd, _ = mixed_run
     heldout = {metrics.normalise(q.question) for q in evalsets.load("general", split="eval")}
@@ -366,6 +368,7 @@ def test_evaluation_only_questions_never_reach_training_data(mixed_run):
     assert inputs and not inputs & heldout
 
 
+@pytest.mark.slow
 def test_a_missed_threshold_fails_the_evaluate_rule_naming_metric_value_and_threshold(mixed_run):
     wd, res = mixed_run
     assert res.returncode != 0 and "Error in rule evaluate" in res.stdout + res.stderr

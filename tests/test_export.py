@@ -1,7 +1,6 @@
 """pth_to_hf and merge on a real checkpoint of the tiny model."""
 
 import json
-import subprocess
 from dataclasses import asdict
 
 import pytest
@@ -13,17 +12,15 @@ from snaketune.lora_state import read_lora_state
 from snaketune.merge import merge
 from snaketune.model import load_peft_model
 
-from .conftest import TINY_BASE, run_cli
-from .test_train import train_cmd
+from .helpers import TINY_BASE, run_cli
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    subprocess.run(train_cmd(tmp / "work", tmp / "out.json", max_epochs=1), check=True, capture_output=True)
-    return json.loads((tmp / "out.json").read_text())["checkpoint"]
+def checkpoint(trained_summary):
+    """The run's shared tiny training's last checkpoint (read only)."""
+    return trained_summary["checkpoint"]
 
 
 def base_model():

@@ -26,27 +26,10 @@ from snaketune.lora_state import read_lora_state
 from snaketune.merge import merge
 from snaketune.provenance import model_hash, sha256_file
 
-from .conftest import TINY_BASE, XTUNER, copy_workflow, run_cli
-from .test_train import forget_the_end, train_cmd
-from .test_workflow import TINY_CONFIG, snakemake
+from .helpers import (TINY_BASE, TINY_CONFIG, XTUNER, copy_workflow, interrupted_copy, run_cli, snakemake, tiny_config,
+                      train_cmd, unequal_data)
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished tiny training with checkpoints iter_4.pth and iter_8.pth."""
-    tmp = tmp_path_factory.mktemp("trained")
-    subprocess.run(train_cmd(tmp / "work", tmp / "out.json", max_epochs=1), check=True, capture_output=True)
-    return tmp / "work"
-
-
-def interrupted_copy(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of the work directory as a kill after the last checkpoint leaves it (resumable)."""
-    work = tmp_path / "work"
-    shutil.copytree(trained, work, symlinks=True)
-    forget_the_end(work)
-    return work, tmp_path / "out.json"
 
 
 def rerun(work: Path, out: Path, log: Path, **over) -> subprocess.CompletedProcess:
@@ -80,6 +63,7 @@ RESUME_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_s
 
 
 @pytest.mark.parametrize("name", RESUME_FILES)
+@pytest.mark.slow
 def test_resume_never_runs_code_from_a_checkpoint(trained, tmp_path, name):
     """A __reduce__ payload in any file the resume path reads (checksum updated to match) is refused,
     naming the file; the payload never runs."""
@@ -116,6 +100,7 @@ def test_unsafe_experiment_name_is_refused_before_any_job(tmp_path):
     assert not (wd / "results").exists() and not (wd / "work_dirs").exists()
 
 
+@pytest.mark.slow
 def test_symlinked_checkpoint_is_refused_and_its_target_kept(trained, tmp_path):
     work, out = interrupted_copy(trained, tmp_path)
     elsewhere = tmp_path / "elsewhere" / "iter_8.pth"
@@ -131,6 +116,7 @@ def test_symlinked_checkpoint_is_refused_and_its_target_kept(trained, tmp_path):
 # ---------------------------------------------------------------- silent corruption
 
 
+@pytest.mark.slow
 def test_diverging_training_stops_with_a_clear_error(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out.json"
     res = subprocess.run(train_cmd(work, out, max_epochs=1, lr=1.0e6), capture_output=True, text=True)
@@ -151,6 +137,7 @@ def truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["overwrite_64_bytes", "truncate", "payload"])
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(trained, tmp_path, damage):
     """The newest checkpoint's optimizer file changed after it was written (64 bytes, a truncation, or a
     payload without a matching checksum): the rerun moves it aside, says which file, and resumes from
@@ -206,6 +193,7 @@ def test_pth_to_hf_merge_and_evaluation_refuse_non_finite_weights(trained, tmp_p
 # ---------------------------------------------------------------- reruns
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_training_trains_again(trained, tmp_path):
     """`--forcerun train` (or any rerun of a finished training) starts over; the old checkpoints are
     set aside as superseded. A rerun after an interruption resumes (the tests above)."""
@@ -257,6 +245,7 @@ def test_a_failing_job_leaves_its_error_in_its_log(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_data_with_nothing_to_learn_stops_the_workflow_before_training(tmp_path):
     """The check_data rule (check-custom-dataset) runs before train: every record is valid, but
     max_length leaves no supervised token, so the workflow stops there and keeps the data."""
@@ -283,8 +272,6 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
     config = tmp_path / "c.yaml"
-    from .conftest import tiny_config
-
     tiny_config(config, dataset={"format": "xtuner", "path": str(bad)})
     res = run_cli("convert-data", "--config", config, "--output", tmp_path / "o.json", check=False)
     assert res.returncode != 0 and f"DataError: {bad}: not valid JSON" in res.stderr
@@ -315,11 +302,10 @@ def test_model_needing_hub_code_names_the_setting(tmp_path):
 # ---------------------------------------------------------------- documented claims that had no test
 
 
+@pytest.mark.slow
 def test_checkpoints_of_other_data_model_or_rank_count_are_set_aside(trained, tmp_path):
     """docs/workflow.md, "Exact resume": checkpoints made from other data, another model or another rank count
     are never resumed; they move to superseded/ and training starts from iteration 0."""
-    from .conftest import unequal_data
-
     other_model = tmp_path / "model"
     shutil.copytree(TINY_BASE, other_model)
     weights = other_model / "model.safetensors"
@@ -342,9 +328,8 @@ def test_checkpoints_of_other_data_model_or_rank_count_are_set_aside(trained, tm
         assert sorted(p.name for p in work.glob("superseded/*/iter_*.pth")) == ["iter_4.pth", "iter_8.pth"], name
 
 
+@pytest.mark.slow
 def test_truncation_is_reported_in_the_log(tmp_path):
-    from .conftest import unequal_data
-
     log = tmp_path / "train.log"
     data = unequal_data(tmp_path / "unequal.json")
     subprocess.run(train_cmd(tmp_path / "w", tmp_path / "o.json", data=data, max_epochs=1, max_length=28)
@@ -356,6 +341,7 @@ def test_truncation_is_reported_in_the_log(tmp_path):
     assert "max_length=8" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_misaligned_save_steps_fall_on_window_ends(tmp_path):
     """save_steps=3 with accumulation 2: a multiple of 3 inside a window is saved at the window's end
     (iterations 4 and 6), and the last iteration (8) always."""

@@ -23,11 +23,11 @@ import torch
 from snaketune.checkpoints import COMPLETE, complete_checkpoints
 from snaketune.config import LoraConfig
 
-from .conftest import ROOT, TINY_BASE, XTUNER, read_jsonl
-from .test_train import train_cmd
+from .helpers import ROOT, TINY_BASE, XTUNER, read_jsonl, train_cmd
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from snaketune import internlm
-from tests.internlm_layout import MARKER, build_internlm, build_internlm2, llama_to_internlm2_state
+from .internlm_layout import MARKER, build_internlm, build_internlm2, llama_to_internlm2_state
 
 TEXTS = [
     "Hello world",
@@ -338,7 +338,7 @@ def test_packed_loss_equals_the_per_sample_sum_on_converted_internlm2(hub):
     from snaketune.batching import as_rows, collate, encode_dataset, pack
     from snaketune.losses import token_loss_sum
 
-    from .conftest import XTUNER
+    from .helpers import XTUNER
 
     out = converted(hub, "internlm2")
     tokenizer, model = load_tokenizer(out), load_model(out)
@@ -379,8 +379,7 @@ def test_workflow_end_to_end_on_a_tiny_internlm2_with_packing(hub, tmp_path):
 
     from snaketune.files import read_jsonl
 
-    from .conftest import copy_workflow
-    from .test_workflow import TINY_CONFIG, snakemake
+    from .helpers import TINY_CONFIG, copy_workflow, snakemake
 
     wd = copy_workflow(tmp_path / "wf")
     config = json.loads(json.dumps(TINY_CONFIG))

@@ -8,7 +8,7 @@ from snaketune.config import ModelConfig
 from snaketune.errors import OfflineError
 from snaketune.fetch import fetch_model
 
-from .conftest import TINY_BASE
+from .helpers import TINY_BASE
 
 
 def test_local_source_is_the_tutorials_symlink(tmp_path):

@@ -1,7 +1,6 @@
 """Data parallel ranks (gloo on the CPU), loss normalisation, determinism, multi-node launch command."""
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -13,29 +12,16 @@ from snaketune.launch import torchrun_command
 from snaketune.lora_state import read_lora_state
 from snaketune.safe_pickle import load_checkpoint
 
-from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
-from .test_train import train_cmd
-
-# No dropout: ranks draw different random numbers, so dropout would make them differ for that reason alone.
-# warmup_ratio 0.25 gives a whole number of warm-up iterations for 8 and 16 iterations alike.
-EXACT = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_epochs=2, save_steps=2, save_total_limit=5,
-             warmup_ratio=0.25)
+from .helpers import (EXACT, TINY, TINY_BASE, kill_at_checkpoint, read_jsonl, run, train_cmd, train_exact,
+                      unequal_data)
 
 
-def run(tmp_path, name, ranks=1, data=None, **over):
-    work, out = tmp_path / name, tmp_path / f"{name}.json"
-    data = data or unequal_data(tmp_path / "unequal.json")
-    cmd = train_cmd(work, out, data=data, **{**EXACT, **over}) + ["--ranks", str(ranks), "--threads", "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return work, json.loads(out.read_text())
-
-
-def test_two_ranks_equal_one_rank_with_double_accumulation(tmp_path):
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_double_accumulation(exact_training, tmp_path):
     """Global batch = batch_size x accumulative_counts x ranks: 2 ranks x acc 1 == 1 rank x acc 2.
     Same samples per optimizer step, so the same losses (rtol 1e-5) and adapters (atol 1e-6)."""
-    w2, s2 = run(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1)
-    w1, s1 = run(tmp_path, "one", ranks=1, batch_size=2, accumulative_counts=2)
+    w2, s2 = train_exact(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1)
+    w1, s1 = exact_training  # one rank, batch_size 2, accumulative_counts 2
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     m2, m1 = read_jsonl(w2 / "metrics.jsonl"), read_jsonl(w1 / "metrics.jsonl")
     assert [r["iter"] * 2 for r in m2] == [r["iter"] for r in m1]  # iterations count per-rank micro-batches
@@ -52,9 +38,10 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(tmp_path):
     assert len(read_jsonl(w2 / "runs.jsonl")) == 1
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
-    data = unequal_data(tmp_path / "unequal.json")  # the data run() gives the reference below
+    data = unequal_data(tmp_path / "unequal.json")  # the data train_exact() gives the reference below
     cmd = train_cmd(work, out, data=data, **EXACT, batch_size=1, accumulative_counts=1)
     cmd += ["--ranks", "2", "--threads", "2"]
     kill_at_checkpoint(cmd, work)  # torchrun and both ranks
@@ -65,14 +52,15 @@ def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     for key, v in lora.items():
         assert torch.equal(v, module[key.replace(".weight", ".default.weight")])
     pth_to_hf(ckpt, tmp_path / "adapter", LoraConfig(r=8, alpha=16, dropout=0.0), str(TINY_BASE), ExportConfig())
-    subprocess.run(cmd, check=True, capture_output=True)
+    run(cmd)
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k and summary["world_size"] == 2
-    _, ref = run(tmp_path, "ref", ranks=2, data=data, batch_size=1, accumulative_counts=1)
+    _, ref = train_exact(tmp_path, "ref", ranks=2, data=data, batch_size=1, accumulative_counts=1)
     a, b = read_lora_state(summary["checkpoint"]), read_lora_state(ref["checkpoint"])
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.slow
 def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     """batch 4 x acc 1 and batch 1 x acc 4 on answers of unequal length: same loss and gradient norm at
     every step (rtol 1e-5); and the first step's loss is the sum of token losses over its four samples
@@ -84,13 +72,11 @@ def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     from snaketune.model import load_tokenizer
     from snaketune.batching import encode_dataset, epoch_batches
 
-    from .test_train import TINY
-
     data = unequal_data(tmp_path / "unequal.json")
     # unquantised, so that the first step (LoRA B = 0: the base model alone) can be recomputed exactly
     over = dict(max_epochs=1, max_norm=1e9, quantization="none")
-    wa, _ = run(tmp_path, "b4", data=data, batch_size=4, accumulative_counts=1, **over)
-    wb, _ = run(tmp_path, "b1", data=data, batch_size=1, accumulative_counts=4, **over)
+    wa, _ = train_exact(tmp_path, "b4", data=data, batch_size=4, accumulative_counts=1, **over)
+    wb, _ = train_exact(tmp_path, "b1", data=data, batch_size=1, accumulative_counts=4, **over)
     ma, mb = read_jsonl(wa / "metrics.jsonl"), read_jsonl(wb / "metrics.jsonl")
     assert len(ma) == len(mb) == 4
     assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)
@@ -117,9 +103,10 @@ def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     assert abs(mean_of_means - expected) > 20 * 1e-5 * expected
 
 
+@pytest.mark.slow
 def test_two_clean_runs_give_identical_adapters(tmp_path):
-    _, a = run(tmp_path, "a", lora={"r": 8, "alpha": 16, "dropout": 0.1})
-    _, b = run(tmp_path, "b", lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    _, a = train_exact(tmp_path, "a", lora={"r": 8, "alpha": 16, "dropout": 0.1})
+    _, b = train_exact(tmp_path, "b", lora={"r": 8, "alpha": 16, "dropout": 0.1})
     sa, sb = read_lora_state(a["checkpoint"]), read_lora_state(b["checkpoint"])
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 

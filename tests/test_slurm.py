@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 import re
 import subprocess
 import time
@@ -12,9 +11,10 @@ import yaml
 
 from snaketune.checkpoints import COMPLETE
 
-from .conftest import ROOT, copy_workflow
+from .helpers import ROOT, SNAKEMAKE, TINY_CONFIG, copy_workflow, missing, run
 from .slurm_cluster import Cluster, available
-from .test_workflow import SNAKEMAKE, TINY_CONFIG
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SHIPPED = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
 
@@ -38,9 +38,7 @@ def cpu_node_profile(wd, **train):
 def cluster():
     why = available()
     if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"the SLURM tests must run in CI, but: {why}")
-        pytest.skip(why)
+        missing(f"no SLURM cluster here: {why}")
     c = Cluster().start()
     yield c
     c.stop()
@@ -56,11 +54,8 @@ def workflow(tmp_path, **train):
 
 
 def slurm_snakemake(wd, *extra, check=True):
-    cmd = [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra]
-    res = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=900)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake on SLURM failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
+    return run([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra], cwd=wd, check=check,
+               timeout=900)
 
 
 def submitted(output: str) -> dict[str, str]:

@@ -23,8 +23,7 @@ from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import LoraConfig, TrainConfig
 from snaketune.lora_state import read_lora_state
 
-from .conftest import TINY_BASE, kill_at_checkpoint, read_jsonl, unequal_data
-from .test_train import train_cmd
+from .helpers import TINY_BASE, kill_at_checkpoint, missing, read_jsonl, run, train_cmd, train_exact, unequal_data
 
 
 @pytest.fixture(scope="module")
@@ -245,12 +244,11 @@ def test_length_groups_are_seeded_and_cut_the_padding():
     assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
 
 
-def test_grouped_training_on_two_ranks_equals_one_rank_with_double_accumulation(tmp_path):
+@pytest.mark.slow
+def test_grouped_training_on_two_ranks_equals_one_rank_with_double_accumulation(exact_training, tmp_path):
     """test_parallel's guarantee with group_by_length on: the same samples per optimizer step."""
-    from .test_parallel import run
-
-    w2, s2 = run(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1, group_by_length=True)
-    w1, s1 = run(tmp_path, "one", ranks=1, batch_size=2, accumulative_counts=2, group_by_length=True)
+    w2, s2 = train_exact(tmp_path, "two", ranks=2, batch_size=2, accumulative_counts=1, group_by_length=True)
+    w1, s1 = train_exact(tmp_path, "one", ranks=1, batch_size=2, accumulative_counts=2, group_by_length=True)
     m2, m1 = read_jsonl(w2 / "metrics.jsonl"), read_jsonl(w1 / "metrics.jsonl")
     assert [r["supervised_tokens"] for r in m2] == [r["supervised_tokens"] for r in m1]
     assert [r["loss"] for r in m2] == pytest.approx([r["loss"] for r in m1], rel=1e-5)
@@ -258,21 +256,21 @@ def test_grouped_training_on_two_ranks_equals_one_rank_with_double_accumulation(
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     # and grouping did its job: less padding than the same run without it
-    run(tmp_path, "plain", ranks=1, batch_size=2, accumulative_counts=2)
-    mp = read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    mp = read_jsonl(exact_training[0] / "metrics.jsonl")  # the same run without grouping
     assert sum(r["tokens"] for r in m1) < sum(r["tokens"] for r in mp)
     assert sum(r["real_tokens"] for r in m1) == sum(r["real_tokens"] for r in mp)
 
 
+@pytest.mark.slow
 def test_killed_grouped_training_resumes_bit_identical(tmp_path):
     data = unequal_data(tmp_path / "unequal.json")
     over = dict(group_by_length=True, lora={"r": 8, "alpha": 16, "dropout": 0.1})
     ref_out = tmp_path / "ref.json"
-    subprocess.run(train_cmd(tmp_path / "ref", ref_out, data=data, **over), check=True, capture_output=True)
+    run(train_cmd(tmp_path / "ref", ref_out, data=data, **over))
     work, out = tmp_path / "run", tmp_path / "run.json"
     kill_at_checkpoint(train_cmd(work, out, data=data, **over), work)
     k = complete_checkpoints(work)[-1][0]
-    subprocess.run(train_cmd(work, out, data=data, **over), check=True, capture_output=True)
+    run(train_cmd(work, out, data=data, **over))
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k < summary["iterations"]
     a, b = read_lora_state(json.loads(ref_out.read_text())["checkpoint"]), read_lora_state(summary["checkpoint"])
@@ -319,15 +317,15 @@ def test_passes_of_fewer_rows_give_the_whole_batchs_loss_and_gradients(tokenizer
     assert passes(rows, 4) == [rows]  # one pass: the batch as it is
 
 
+@pytest.mark.slow
 def test_training_in_passes_of_one_row_equals_whole_micro_batches(tmp_path):
     """The same optimizer steps however a micro-batch is cut into passes; fewer padded tokens."""
     data = unequal_data(tmp_path / "unequal.json")
     runs = {}
     for k in (1, 4):
         out = tmp_path / f"rows{k}.json"
-        subprocess.run(train_cmd(tmp_path / f"rows{k}", out, data=data, batch_size=4, accumulative_counts=1,
-                                 max_epochs=1, rows_per_pass=k, lora={"r": 8, "alpha": 16, "dropout": 0.0}),
-                       check=True, capture_output=True)
+        run(train_cmd(tmp_path / f"rows{k}", out, data=data, batch_size=4, accumulative_counts=1, max_epochs=1,
+                      rows_per_pass=k, lora={"r": 8, "alpha": 16, "dropout": 0.0}))
         runs[k] = json.loads(out.read_text()), read_jsonl(tmp_path / f"rows{k}" / "metrics.jsonl")
     (s1, m1), (s4, m4) = runs[1], runs[4]
     assert [r["supervised_tokens"] for r in m1] == [r["supervised_tokens"] for r in m4]
@@ -408,10 +406,7 @@ def tcmalloc():
 
     lib = find_tcmalloc()
     if lib is None:
-        why = "tcmalloc is not installed (Debian: libtcmalloc-minimal4; .ci/run installs it)"
-        if os.environ.get("CI"):  # as the SLURM tests: CI must run these
-            pytest.fail(why)
-        pytest.skip(why)
+        missing("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
     return lib
 
 
@@ -447,17 +442,16 @@ def test_allocator_env_preloads_tcmalloc_once_and_fails_clearly_without_it(tcmal
         launch.allocator_env("tcmalloc")
 
 
-def test_the_train_step_runs_on_tcmalloc_and_trains_exactly_as_on_glibc(tmp_path, tcmalloc):
+@pytest.mark.slow
+def test_the_train_step_runs_on_tcmalloc_and_trains_exactly_as_on_glibc(reference_training, tmp_path, tcmalloc):
     """By hand, as the workflow's job runs it: auto restarts the step on tcmalloc (same pid, so a kill still
     reaches it); the losses and the LoRA weights are bit-identical to a run on glibc's malloc."""
+    ref = reference_training  # train.allocator: auto (the default), started without LD_PRELOAD
+    s_tc, m_tc, log_tc = ref.summary, read_jsonl(ref.work / "metrics.jsonl"), ref.log
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    runs = {}
-    for setting in ("auto", "system"):
-        out, log = tmp_path / f"{setting}.json", tmp_path / f"{setting}.log"
-        subprocess.run(train_cmd(tmp_path / setting, out, allocator=setting) + ["--log", str(log)], env=env,
-                       check=True, capture_output=True)
-        runs[setting] = json.loads(out.read_text()), read_jsonl(tmp_path / setting / "metrics.jsonl"), log.read_text()
-    (s_tc, m_tc, log_tc), (s_sys, m_sys, log_sys) = runs["auto"], runs["system"]
+    out, log = tmp_path / "system.json", tmp_path / "system.log"
+    run(train_cmd(tmp_path / "system", out, allocator="system") + ["--log", str(log)], env=env)
+    s_sys, m_sys, log_sys = json.loads(out.read_text()), read_jsonl(tmp_path / "system" / "metrics.jsonl"), log.read_text()
     assert s_tc["malloc"] == "tcmalloc" and s_sys["malloc"] == "system"
     assert f"LD_PRELOAD={tcmalloc}" in log_tc and "LD_PRELOAD" not in log_sys
     assert [r["loss"] for r in m_tc] == [r["loss"] for r in m_sys]

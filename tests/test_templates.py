@@ -16,7 +16,7 @@ from snaketune.merge import merge
 from snaketune.model import load_tokenizer
 from snaketune.templates import TEMPLATES
 
-from .conftest import TINY_BASE, XTUNER
+from .helpers import TINY_BASE, XTUNER
 
 ADAPTER = XTUNER / "adapter_plain"  # XTuner's own pth_to_hf output for the tiny model
 CONVERSATION = [

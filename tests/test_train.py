@@ -5,24 +5,19 @@ import math
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from snaketune.checkpoints import COMPLETE, complete_checkpoints, torn_checkpoints
-from snaketune.batching import epoch_batches, pack
 from snaketune.config import LoraConfig, TrainConfig
 from snaketune.encoding import Encoded
 from snaketune.errors import ConfigError
 from snaketune.lora_state import read_lora_state
+from snaketune.batching import epoch_batches, pack
 from snaketune.train import lr_factor, window_ends
 
-from .conftest import TINY_BASE, XTUNER, kill_at_checkpoint, read_jsonl, tiny_config
-
-TINY = dict(template="internlm2_chat", max_length=64, batch_size=2, accumulative_counts=2, max_epochs=3,
-            lr=1e-3, warmup_ratio=0.1, save_steps=4, save_total_limit=3, evaluation_freq=1000,
-            lora={"r": 8, "alpha": 16, "dropout": 0.1})
+from .helpers import TINY_BASE, XTUNER, interrupted_copy, kill_at_checkpoint, read_jsonl, run, train_cmd
 
 
 def test_lr_schedule_is_xtuners_linear_warmup_then_cosine():
@@ -67,20 +62,10 @@ def test_packing_keeps_samples_whole_and_restarts_positions():
     assert pack(samples, 12, seed=0) == rows and pack(samples, 12, seed=1) != rows
 
 
-def train_cmd(work, out, data=XTUNER / "data.json", **over):
-    """``snaketune train`` on the tiny experiment, as a user runs it by hand; every file in tmp."""
-    config = tiny_config(work.parent / f"{work.name}.yaml", train={**TINY, **over})
-    return [sys.executable, "-m", "snaketune.cli", "train", "--config", config, "tiny", "--model", str(TINY_BASE),
-            "--data", str(data), "--work-dir", str(work), "--summary", str(out),
-            "--metrics", str(out.with_suffix(".metrics.jsonl")), "--provenance", str(out.with_suffix(".prov.json")),
-            "--threads", "1"]
-
-
-def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
+@pytest.mark.slow
+def test_killed_training_resumes_from_newest_checkpoint_and_matches(reference_training, tmp_path):
     """SIGKILL the real process after a checkpoint; the re-run resumes and ends bit-identical."""
-    ref_work, ref_out = tmp_path / "ref", tmp_path / "ref.json"
-    subprocess.run(train_cmd(ref_work, ref_out), check=True, capture_output=True)
-    ref = json.loads(ref_out.read_text())
+    ref_work, ref = reference_training.work, reference_training.summary
     assert ref["iterations"] == 24 and ref["resumed_from"] is None
 
     work, out, log = tmp_path / "run", tmp_path / "run.json", tmp_path / "train.log"
@@ -90,7 +75,7 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
     k = complete_checkpoints(work)[-1][0]
     assert 4 <= k < 24
 
-    subprocess.run(cmd, check=True, capture_output=True)
+    run(cmd)
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k
     assert f"resuming from {work / f'iter_{k}.pth'}: iteration {k} of 24" in log.read_text()
@@ -103,35 +88,25 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(tmp_path):
     assert [n for n, _ in complete_checkpoints(work)] == [16, 20, 24]
 
 
-def forget_the_end(work):
-    """The state a kill leaves between the final checkpoint and the end of the run: the run never ended."""
-    runs = read_jsonl(work / "runs.jsonl")
-    del runs[-1]["end"]
-    (work / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-
-
-def test_torn_checkpoint_is_ignored(tmp_path):
-    work, out = tmp_path / "w", tmp_path / "o.json"
-    subprocess.run(train_cmd(work, out, max_epochs=1), check=True, capture_output=True)
-    forget_the_end(work)
+@pytest.mark.slow
+def test_torn_checkpoint_is_ignored(trained, tmp_path):
+    work, out = interrupted_copy(trained, tmp_path)  # a one-epoch run, killed after its last checkpoint
     # A checkpoint directory whose writing never finished (no completion marker)
     torn = work / "iter_999.pth"
     torn.mkdir()
     (torn / "mp_rank_00_model_states.pt").write_bytes(b"\x80garbage")
     assert torn_checkpoints(work) == [torn]
-    out.unlink()
-    res = subprocess.run(train_cmd(work, out, max_epochs=1) + ["--log", str(tmp_path / "l.log")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run(train_cmd(work, out, max_epochs=1) + ["--log", str(tmp_path / "l.log")])
     text = (tmp_path / "l.log").read_text()
     assert "ignoring" in text and "iter_999.pth" in text and "resuming from" in text
     assert json.loads(out.read_text())["resumed_from"] == 8
 
 
+@pytest.mark.slow
 def test_training_log_records_loss_lr_grad_norm_and_throughput(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
-    subprocess.run(train_cmd(work, out, max_epochs=1, warmup_ratio=0.5, evaluation_inputs=["你是谁"],
-                             evaluation_freq=4, evaluation_max_new_tokens=4), check=True, capture_output=True)
+    run(train_cmd(work, out, max_epochs=1, warmup_ratio=0.5, evaluation_inputs=["你是谁"], evaluation_freq=4,
+                  evaluation_max_new_tokens=4))
     rows = read_jsonl(work / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens"] > 0 for r in rows)
@@ -257,7 +232,8 @@ def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
         torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_kill_while_a_checkpoint_is_being_written_skips_it(tmp_path):
+@pytest.mark.slow
+def test_kill_while_a_checkpoint_is_being_written_skips_it(reference_training, tmp_path):
     """SIGKILL lands between a checkpoint directory's creation and its completion marker;
     the re-run ignores that torn checkpoint and resumes from the one before."""
     for attempt in range(8):
@@ -278,14 +254,13 @@ def test_kill_while_a_checkpoint_is_being_written_skips_it(tmp_path):
     (bad,) = torn_checkpoints(work)
     before = [n for n, _ in complete_checkpoints(work)]
     log = tmp_path / "resume.log"
-    subprocess.run(train_cmd(work, out, save_steps=2) + ["--log", str(log)], check=True, capture_output=True)
+    run(train_cmd(work, out, save_steps=2) + ["--log", str(log)])
     text = log.read_text()
     assert f"ignoring {bad}: it was not completely written" in text
     resumed = json.loads(out.read_text())["resumed_from"]
     assert resumed == (before[-1] if before else None)
-    # and ends bit-identical to a run that was never interrupted
-    ref_out = tmp_path / "ref.json"
-    subprocess.run(train_cmd(tmp_path / "ref", ref_out, save_steps=2), check=True, capture_output=True)
-    a = read_lora_state(json.loads(ref_out.read_text())["checkpoint"])
+    # and ends bit-identical to a run that was never interrupted (and saved every 4 iterations, not 2:
+    # when checkpoints are taken changes nothing)
+    a = read_lora_state(reference_training.summary["checkpoint"])
     b = read_lora_state(json.loads(out.read_text())["checkpoint"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

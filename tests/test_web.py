@@ -7,7 +7,6 @@ typed-out XTuner ids for a second). Skipped where Chromium or Playwright is
 missing, except under CI=true, where that is a failure.
 """
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,6 +20,9 @@ from snaketune.chat import load_model
 from snaketune.generation import generate_answers
 
 from .chat_model import argmax_answer, build_talking_model, chatml
+from .helpers import missing
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -29,20 +31,14 @@ SYSTEM = "You are Snaky."
 MAX = 16
 
 
-def need(what: str) -> None:
-    if os.environ.get("CI"):  # as the SLURM tests: CI must run them
-        pytest.fail(f"{what} is missing: CI must run the browser test (.ci/run installs it)")
-    pytest.skip(f"{what} is not installed")
-
-
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        need("chromium (apt-get install chromium)")
+        missing("chromium is not installed (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        need("playwright (pip install -r requirements-dev.txt)")
+        missing("playwright is not installed (pip install -r requirements-dev.txt)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield browser

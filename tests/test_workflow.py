@@ -12,43 +12,8 @@ import yaml
 
 from snaketune import evalsets
 
-from .conftest import ROOT, TINY_BASE, copy_workflow, read_jsonl
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-TINY_CONFIG = {
-    "run": ["tiny"],
-    "models": {"tiny_llama": {"source": "local", "path": str(TINY_BASE)}},
-    "datasets": {"sc": {"generator": "self_cognition", "spec": {
-        "name": "Snaky", "owner": "青松", "answers": {"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
-        "copies": 2, "seed": 0}}},
-    "experiments": {"tiny": {
-        "model": "tiny_llama", "dataset": "sc",
-        "train": {"template": "internlm2_chat", "max_length": 64, "batch_size": 2, "accumulative_counts": 2,
-                  "max_epochs": 2, "lr": 1e-3, "save_steps": 4, "save_total_limit": 2, "evaluation_freq": 6,
-                  "evaluation_inputs": ["你是谁"], "evaluation_max_new_tokens": 4,
-                  "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
-        # a random 64-wide model will not learn to stop in 12 steps: that check is tested elsewhere
-        "evaluation": {"prompts": ["你是谁", "Who are you?", "你是哪位？"], "identity_keywords": ["Snaky"],
-                       "max_new_tokens": 6, "require_stop": False},
-    }},
-}
-
-
-def snakemake(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
-
-
-def planned_rules(res: subprocess.CompletedProcess) -> set[str]:
-    """Rule names from the job-stats table of a dry run."""
-    out = res.stdout + res.stderr
-    if "Nothing to be done" in out:
-        return set()
-    table = out.split("Job stats:")[1].split("total")[0]
-    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+from .helpers import (ROOT, SNAKEMAKE, TINY_BASE, TINY_CONFIG, conda_on_path, copy_workflow, planned_rules, read_jsonl,
+                      run, snakemake)
 
 
 def edit_config(wd: Path, change) -> None:
@@ -84,6 +49,7 @@ def test_dry_run_shows_every_step_and_why(workflow):
     assert "reason: Missing output files" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_final_model_builds_every_file(finished):
     wd = finished
     data = json.loads((wd / "results/data/generated/sc.json").read_text())
@@ -125,11 +91,13 @@ def test_final_model_builds_every_file(finished):
         assert (wd / f"benchmarks/{bench}.tsv").exists(), bench
 
 
+@pytest.mark.slow
 def test_second_run_does_nothing(finished):
     res = snakemake(finished, "-n", "final_model")
     assert planned_rules(res) == set()
 
 
+@pytest.mark.slow
 def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
     wd = tmp_path / "wf"
     shutil.copytree(finished, wd, symlinks=True)
@@ -143,6 +111,7 @@ def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
     assert "moved to" in (wd / "logs/train/tiny.log").read_text()
 
 
+@pytest.mark.slow
 def test_editing_a_script_comment_does_not_retrain(finished, tmp_path):
     """Both profiles leave `code` out of the rerun triggers (docs/workflow.md: "What re-runs")."""
     profiles = [yaml.safe_load((ROOT / f"profiles/{p}/config.yaml").read_text()) for p in ("default", "slurm")]
@@ -171,15 +140,13 @@ def test_config_typo_fails_before_any_job(workflow, tmp_path):
 
 
 def test_lint_is_clean():
-    res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = run([*SNAKEMAKE, "--lint"], cwd=ROOT)
     assert "Lints for" not in res.stdout + res.stderr
 
 
 def test_snakefmt_is_clean():
     snakefmt = Path(sys.executable).parent / "snakefmt"
-    res = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run([snakefmt, "--check", "Snakefile", "rules"], cwd=ROOT)
 
 
 def _embedded_files(report_html: str) -> dict[str, str]:
@@ -197,6 +164,7 @@ def _embedded_files(report_html: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_report_shows_curves_answers_provenance_and_benchmarks(finished, tmp_path):
     report = tmp_path / "report.html"
     snakemake(finished, "--report", str(report), "final_model")
@@ -226,31 +194,6 @@ def html_escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-CONDA_STAND_IN = """#!/bin/sh
-# Answers the three questions Snakemake asks conda before --containerize: version, channel
-# priority and platform. Used only where no conda is installed (conda-forge is out of reach).
-case "$*" in
-  --version) echo "conda 25.1.1" ;;
-  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}' ;;
-  "info --json") echo '{"platform": "linux-64", "conda_prefix": "/opt/conda"}' ;;
-  *) echo "stand-in conda: $* is not supported" >&2; exit 1 ;;
-esac
-"""
-
-
-def conda_on_path(tmp_path: Path) -> dict[str, str]:
-    """The environment for a Snakemake command that asks conda about itself: the real conda where one is
-    installed, else the stand-in above."""
-    env = dict(os.environ)
-    if not shutil.which("conda"):
-        bindir = tmp_path / "bin"
-        bindir.mkdir(exist_ok=True)
-        (bindir / "conda").write_text(CONDA_STAND_IN)
-        (bindir / "conda").chmod(0o755)
-        env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
-    return env
-
-
 def test_containerize_names_every_env(tmp_path):
     """`snakemake --containerize` writes a Dockerfile that parses and creates every rule's env.
 
@@ -260,8 +203,7 @@ def test_containerize_names_every_env(tmp_path):
 
     env = conda_on_path(tmp_path)
     wd = copy_workflow(tmp_path / "wf")
-    res = subprocess.run([*SNAKEMAKE, "--containerize"], cwd=wd, capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run([*SNAKEMAKE, "--containerize"], cwd=wd, env=env)
     parser = DockerfileParser(path=str(tmp_path / "Dockerfile"))
     parser.content = res.stdout
     instructions = [i["instruction"] for i in parser.structure]
@@ -297,6 +239,7 @@ def _training_job_pids(workdir: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     """SIGKILL the training job mid-run; `snakemake -n` plans train; the same command resumes
     from the newest checkpoint and ends with the adapter of the uninterrupted run."""
@@ -308,8 +251,12 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     from snaketune.lora_state import read_lora_state
     from snaketune.checkpoints import COMPLETE
 
-    wd = copy_workflow(tmp_path / "wf")
-    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    # the finished run's clone up to its training: the model and the checked data are there
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd, symlinks=True)
+    for done in ("work_dirs", "logs", *(p.relative_to(wd) for p in (wd / "results/tiny").iterdir()
+                                        if p.name != "data_check.txt")):
+        (shutil.rmtree if (wd / done).is_dir() else os.remove)(wd / done)
     cmd = [*SNAKEMAKE, "--cores", "2", "final_model"]
     proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -338,6 +285,7 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     assert prov["resumed_from"] == [summary["resumed_from"]] and len(prov["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_provenance_records_what_the_model_was_made_from(finished):
     from snaketune.provenance import sha256_file
 
@@ -350,3 +298,5 @@ def test_provenance_records_what_the_model_was_made_from(finished):
     assert len(prov["model"]["sha256"]) == 64
     head = subprocess.run(["git", "-C", str(finished), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert prov["workflow"] == {"commit": head.stdout.strip(), "dirty": False}  # the clone's own commit
+
+

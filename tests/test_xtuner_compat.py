@@ -11,7 +11,7 @@ from snaketune.adapter import pth_to_hf
 from snaketune.config import ExportConfig, LoraConfig
 from snaketune.safe_pickle import load_checkpoint
 
-from .conftest import XTUNER
+from .helpers import XTUNER
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)  # XTuner's config.py beside the checkpoints
 
