@@ -2,8 +2,8 @@
 resume after SIGKILL with LoRA dropout on (which needs the CUDA random state restored).
 
 Every test here is marked ``gpu`` and skipped where ``torch.cuda.is_available()`` is false, so CI
-(no GPU) collects and skips them. On the project's GPU machine they run through
-``bash bench/gpu_check.sh`` (see its header). Training runs are the by-hand command of
+(no GPU) collects and skips them. On a GPU machine they run through
+``bash bench/gpu_check.sh`` (see its header and docs/gpu.md). Training runs are the by-hand command of
 tests/test_train.py (``snaketune train``), in fresh processes, as a user runs it.
 """
 
