@@ -1,7 +1,10 @@
 """One function per workflow step, called by ``scripts/<rule>.py`` under Snakemake and by the CLI.
 
-Each takes the files it reads and writes and its config section object;
-nothing here parses a command line or knows about Snakemake.
+Each takes the files it reads and writes and its config section object, or,
+where those are many (train, evaluate, report), one typed job holding them
+all (:class:`TrainJob`, :class:`EvaluateJob`, :class:`ReportJob`). Nothing
+here parses a command line or knows about Snakemake; the files' default
+places are :class:`snaketune.config.Layout`'s.
 """
 
 from __future__ import annotations
