@@ -134,9 +134,8 @@ def experiment_benchmarks(wildcards):
 
 def final_outputs(names):
     """Per experiment: the merged model, its evaluation and the report's parts."""
-    return [
-        out
-        for name in names
-        for files in [LAYOUT.format(exp=name)]
-        for out in (files.merged, files.evaluation, *files.report())
-    ]
+    outputs = []
+    for name in names:
+        files = LAYOUT.format(exp=name)
+        outputs += [files.merged, files.evaluation, *files.report()]
+    return outputs
