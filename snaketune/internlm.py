@@ -165,7 +165,8 @@ class Checkpoint(dict):
 def load_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
     """All weights of a hub directory, from safetensors if present, else from ``.bin`` files.
 
-    ``.bin`` files are read with ``weights_only=True``, which refuses pickled code.
+    ``.bin`` files are read with ``weights_only=True``, which refuses pickled code
+    (:func:`snaketune.safe_pickle.load_weights`).
     """
     model_dir = Path(model_dir)
     weight_map: dict[str, str] = {}
@@ -191,7 +192,9 @@ def load_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
 
             part = load_file(file)
         else:
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            from .safe_pickle import load_weights
+
+            part = load_weights(file)
         for key, tensor in part.items():
             state[key] = tensor
             state.origin[key] = file

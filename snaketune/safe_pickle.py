@@ -1,6 +1,6 @@
-"""Every checkpoint file snaketune reads is untrusted input, and is read here: nothing in one runs.
+"""Every pickled file snaketune reads is untrusted input, and is read here: nothing in one runs.
 
-Two loaders, one per kind of file:
+Three loaders, one per kind of file:
 
 - :func:`safe_load` (resuming our own training): ``torch.load(weights_only=True)``
   with the three DeepSpeed classes its optimizer state holds
@@ -13,6 +13,8 @@ Two loaders, one per kind of file:
   dtypes, ``OrderedDict`` and numpy arrays load as usual; classes of the
   libraries listed in ``PLACEHOLDER_MODULES`` become inert placeholders (never
   imported); everything else is refused.
+- :func:`load_weights` (a hub model's ``pytorch_model*.bin``): tensors only
+  (``weights_only``), memory-mapped.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def safe_load(path: str | os.PathLike, map_location=None):
             from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """A hub model's ``.bin`` weights file: tensors and plain data only, memory-mapped, on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class Placeholder(dict):
