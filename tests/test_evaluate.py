@@ -20,7 +20,7 @@ from snaketune.evaluate import evaluate
 from snaketune.generation import Answer, answer_nll, generate_answers
 from snaketune.model import load_base, load_tokenizer
 
-from .helpers import TINY_BASE, TINY_CONFIG, copy_workflow, read_jsonl, snakemake
+from .helpers import TINY_BASE, TINY_CONFIG, copy_workflow, snakemake
 
 TEMPLATE = "internlm2_chat"
 
