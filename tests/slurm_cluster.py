@@ -99,6 +99,11 @@ class Cluster:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        # a failed test's jobs: their processes would outlive the daemons
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            time.sleep(1)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()

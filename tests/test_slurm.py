@@ -44,6 +44,23 @@ def cluster():
     c.stop()
 
 
+@pytest.fixture
+def start():
+    """Start Snakemake in the background; one still running when its test ends (failed) is killed."""
+    procs = []
+
+    def start(wd, *extra):
+        procs.append(subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra],
+                                      cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def workflow(tmp_path, **train):
     wd = copy_workflow(tmp_path / "wf")
     config = copy.deepcopy(TINY_CONFIG)
@@ -94,10 +111,9 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
     assert "Nothing to be done" in (slurm_snakemake(wd).stdout + slurm_snakemake(wd).stderr)
 
 
-def test_scancelled_training_resumes_when_resubmitted(cluster, tmp_path):
+def test_scancelled_training_resumes_when_resubmitted(cluster, start, tmp_path):
     wd = workflow(tmp_path)
-    proc = subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", "--retries", "0"],
-                            cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(wd, "--retries", "0")
     deadline = time.time() + 600
     while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
@@ -115,14 +131,13 @@ def test_scancelled_training_resumes_when_resubmitted(cluster, tmp_path):
     assert json.loads((wd / "results/tiny/training.json").read_text())["resumed_from"] in (4, 8)
 
 
-def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, tmp_path):
+def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, start, tmp_path):
     """The profile's `retries: 2` and `runtime: 720 * attempt`: a train job killed by its walltime
     (here: its limit cut to one minute while it runs) is resubmitted with twice the time and resumes."""
     # SLURM kills a job between 60 and 90 s after its start once its limit is one minute: the training
     # must last well beyond that on a fast CPU (the tiny model does ~40 iterations/s on 2 cores: ~3 min)
     wd = workflow(tmp_path, max_epochs=1400, save_steps=100, evaluation_freq=100000)
-    proc = subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm"],
-                            cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(wd)
     deadline = time.time() + 600
     while not (wd / "work_dirs/tiny/iter_100.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
