@@ -326,8 +326,10 @@ def test_replay_rule_writes_the_models_own_answers_to_training_questions_only(mi
     model = AutoModelForCausalLM.from_pretrained(chatty, dtype=torch.float32, quantization_config=nf4)
     tokenizer = load_tokenizer(chatty)
     expected = generate_answers(model, tokenizer, TEMPLATE, train, max_new_tokens=6)
-    # not the unquantized model's, which would teach the adapter to undo the 4-bit rounding
-    unquantized = generate_answers(load_base(chatty, "float32"), tokenizer, TEMPLATE, train, max_new_tokens=6)
+    # not the unquantized model's, which would teach the adapter to undo the 4-bit rounding (batched: equal
+    # to one at a time, test_batched_greedy_equals_one_at_a_time)
+    unquantized = generate_answers(load_base(chatty, "float32"), tokenizer, TEMPLATE, train, max_new_tokens=6,
+                                   batch_size=32)
     assert [a.answer for a in unquantized] != [a.answer for a in expected]
     assert [r["conversation"][0] for r in records] == [
         {"system": "", "input": a.prompt, "output": a.answer, **({} if a.stopped else {"end_of_turn": False})}
