@@ -107,8 +107,9 @@ def test_env_files_and_requirements_are_what_the_generator_writes():
     assert res.returncode == 0 and not res.stderr
 
 
-def test_generator_check_names_a_stale_file(tmp_path):
-    """``--check`` exits 1 and names the file when a pin moved in pyproject.toml only."""
+def test_a_pin_moved_in_pyproject_makes_the_files_it_reaches_stale(tmp_path):
+    """A checkout whose pyproject.toml moved pandas: the report env and requirements.txt differ from what the
+    generator writes, and no other file does."""
     root = tmp_path / "checkout"
     (root / "envs").mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
@@ -124,16 +125,16 @@ def test_generator_check_names_a_stale_file(tmp_path):
 def test_each_env_holds_what_its_rule_imports():
     """No training stack where a rule writes a JSON file: torch only where a model is loaded, DeepSpeed and
     tcmalloc only for train, PEFT not for fetching."""
-    pins = {env.stem: set(pins_of(env)) for env in (ROOT / "envs").glob("*.yaml")}
+    by_rule = {env.stem: set(pins_of(env)) for env in (ROOT / "envs").glob("*.yaml")}
     for rule in ("generate_data", "convert_data", "mix_data", "check_data", "report_experiment"):
-        assert "torch" not in pins[rule], rule
-    assert {"transformers", "sentencepiece", "protobuf"} <= pins["check_data"]
-    assert "peft" not in pins["fetch_model"] and "torch" in pins["fetch_model"]
-    for rule, names in pins.items():
+        assert "torch" not in by_rule[rule], rule
+    assert {"transformers", "sentencepiece", "protobuf"} <= by_rule["check_data"]
+    assert "peft" not in by_rule["fetch_model"] and "torch" in by_rule["fetch_model"]
+    for rule, names in by_rule.items():
         assert ("deepspeed" in names) == (rule == "train"), rule
         assert any(d.startswith("gperftools=") for d in conda_list(ROOT / "envs" / f"{rule}.yaml")) == (rule == "train")
     for rule in ("pth_to_hf", "merge", "evaluate", "replay_data"):
-        assert {"torch", "transformers", "peft"} <= pins[rule], rule
+        assert {"torch", "transformers", "peft"} <= by_rule[rule], rule
 
 
 def pins_of(env: Path) -> dict[str, str]:
@@ -246,9 +247,11 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
 
     uv_bin, links = uv(), cpu_torch_links()
     started = time.monotonic()
-    # Rebuilt from nothing on every run, but in one place: DeepSpeed compiles its CPU op once per path of
-    # the environment it lies in (torch's extension cache keys on it), so a new path would compile it again.
-    venvs = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "snaketune" / "test-envs"
+    # Rebuilt from nothing on every run, but in one place, with DeepSpeed's CPU op compiled into a cache of
+    # their own: the op is compiled again whenever the path of the environment it was built for changes,
+    # and the project's own environment shares torch's default extension cache.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "snaketune"
+    venvs = cache / "test-envs"
     shutil.rmtree(venvs, ignore_errors=True)
     pythons = {env.stem: build_venv(uv_bin, env, venvs / env.stem, links) for env in sorted((ROOT / "envs").glob("*.yaml"))}
     built = time.monotonic() - started
@@ -265,6 +268,7 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
     talking = build_talking_model(tmp_path / "talking")
     config = chain_config(wd / "config.yaml", talking)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["TORCH_EXTENSIONS_DIR"] = str(cache / "test-torch-extensions")
     args = {**ARGS, "replay_data": ["--model", talking]}
     for script in CHAIN:
         python, step_started = pythons[SCRIPT_RULE.get(script, script)], time.monotonic()
