@@ -111,7 +111,10 @@ def test_stream_yields_the_growing_answer_then_the_answer(talking):
 
 def test_read_prompt_joins_lines_ending_in_a_backslash():
     lines = iter(["one\\", "two\\", "three", "four"])
-    read = lambda prompt: next(lines, None)
+
+    def read(prompt):
+        return next(lines, None)
+
     assert read_prompt(read) == "one\ntwo\nthree"
     assert read_prompt(read) == "four"
     assert read_prompt(read) is None
