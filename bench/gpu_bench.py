@@ -48,22 +48,54 @@ if str(ROOT) not in sys.path:  # run from a checkout that is not installed
 
 # internlm/internlm2-chat-1_8b's config.json (the fields the conversion reads).
 INTERNLM2_CHAT_1_8B = {
-    "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
-    "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
-    "intermediate_size": 8192, "vocab_size": 92544, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 32768, "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0},
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-    "initializer_range": 0.02, "torch_dtype": "bfloat16",
+    "architectures": ["InternLM2ForCausalLM"],
+    "model_type": "internlm2",
+    "bias": False,
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 8192,
+    "vocab_size": 92544,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000,
+    "rope_scaling": {"type": "dynamic", "factor": 2.0},
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "initializer_range": 0.02,
+    "torch_dtype": "bfloat16",
 }
 # The same family, scaled down: to test this script's path on any machine.
-TINY = {**INTERNLM2_CHAT_1_8B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1024, "max_position_embeddings": 512}
+TINY = {
+    **INTERNLM2_CHAT_1_8B,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+    "vocab_size": 1024,
+    "max_position_embeddings": 512,
+}
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by the vendors' datasheets. First match wins.
 PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-    ("H800", 989.0), ("H20", 148.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-    ("A10G", 70.0), ("L4", 121.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
 ]
 
 
@@ -136,9 +168,11 @@ def build_random_model(hub_config: dict, model_dir: Path, device: str) -> dict[s
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the CPU
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(device))
-    counts = {"params": sum(p.numel() for p in model.parameters()),
-              "embedding_params": model.get_input_embeddings().weight.numel(),
-              "output_layer_params": model.get_output_embeddings().weight.numel()}
+    counts = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "embedding_params": model.get_input_embeddings().weight.numel(),
+        "output_layer_params": model.get_output_embeddings().weight.numel(),
+    }
     model.save_pretrained(model_dir)
     del model
     if device == "cuda":
@@ -197,12 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
     build_s = time.time() - t0
 
     total_iters = (args.warmup_steps + steps) * args.acc
-    cfg = TrainConfig(template="internlm2_chat", max_length=seq, batch_size=args.batch_size,
-                      accumulative_counts=args.acc, max_epochs=1, lr=2e-4, warmup_ratio=0.0,
-                      lora=LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules="all-linear"),
-                      quantization="nf4", gradient_checkpointing=not args.no_gradient_checkpointing)
-    plan = Plan(rows=[], stats={}, iters_per_epoch=total_iters, total_iters=total_iters,
-                ends=window_ends(total_iters, args.acc))
+    cfg = TrainConfig(
+        template="internlm2_chat",
+        max_length=seq,
+        batch_size=args.batch_size,
+        accumulative_counts=args.acc,
+        max_epochs=1,
+        lr=2e-4,
+        warmup_ratio=0.0,
+        lora=LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules="all-linear"),
+        quantization="nf4",
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+    )
+    plan = Plan(
+        rows=[], stats={}, iters_per_epoch=total_iters, total_iters=total_iters, ends=window_ends(total_iters, args.acc)
+    )
     t0 = time.time()
     engine, _, _ = build_engine(model_dir, cfg, plan, device, trust_remote_code=False)
     load_s = time.time() - t0
@@ -215,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     # What stays unquantized (embedding, output layer, norms) and in which dtype: peft's
     # prepare_model_for_kbit_training casts it to fp32, which sets the dtype of the residual stream.
     other_dtypes: dict[str, int] = {}
-    for name, prm in engine.module.named_parameters():
+    for prm in engine.module.parameters():
         if not prm.requires_grad and not isinstance(prm, bnb.nn.Params4bit):
             key = str(prm.dtype).replace("torch.", "")
             other_dtypes[key] = other_dtypes.get(key, 0) + prm.numel()
@@ -242,10 +285,21 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         row = train_window(engine, window, tokens_per_step)  # ends in .item(): the step has finished
         dt = time.perf_counter() - t0
-        step_rows.append({"step": step + 1, "timed": step >= args.warmup_steps, "seconds": dt,
-                          "tokens_per_s": tokens_per_step / dt, "loss": row["loss"], "grad_norm": row["grad_norm"]})
-        print(f"step {step + 1}{' (warm-up)' if step < args.warmup_steps else ''}: {dt:.3f} s, "
-              f"{tokens_per_step / dt:.0f} tok/s, loss {row['loss']:.4f}", flush=True)
+        step_rows.append(
+            {
+                "step": step + 1,
+                "timed": step >= args.warmup_steps,
+                "seconds": dt,
+                "tokens_per_s": tokens_per_step / dt,
+                "loss": row["loss"],
+                "grad_norm": row["grad_norm"],
+            }
+        )
+        print(
+            f"step {step + 1}{' (warm-up)' if step < args.warmup_steps else ''}: {dt:.3f} s, "
+            f"{tokens_per_step / dt:.0f} tok/s, loss {row['loss']:.4f}",
+            flush=True,
+        )
     timed = [r for r in step_rows if r["timed"]]
     seconds = sum(r["seconds"] for r in timed)
     tok_s = tokens_per_step * len(timed) / seconds
@@ -260,15 +314,28 @@ def main(argv: list[str] | None = None) -> dict:
         "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if device == "cuda" else None,
         "versions": versions(),
         "settings": {
-            "hub_config": hub, "seq_len": seq, "batch_size": args.batch_size, "accumulative_counts": args.acc,
-            "tokens_per_optimizer_step": tokens_per_step, "warmup_steps": args.warmup_steps, "timed_steps": steps,
-            "quantization": "nf4 + double quantization", "compute_dtype": str(compute_dtype(device)).replace("torch.", ""),
+            "hub_config": hub,
+            "seq_len": seq,
+            "batch_size": args.batch_size,
+            "accumulative_counts": args.acc,
+            "tokens_per_optimizer_step": tokens_per_step,
+            "warmup_steps": args.warmup_steps,
+            "timed_steps": steps,
+            "quantization": "nf4 + double quantization",
+            "compute_dtype": str(compute_dtype(device)).replace("torch.", ""),
             "lora": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "target_modules": "all-linear"},
-            "gradient_checkpointing": not args.no_gradient_checkpointing, "optimizer": "torch AdamW (fp32 LoRA weights)",
-            "zero_stage": 2, "world_size": dist.get_world_size(), "attention": "sdpa, causal, no padding",
+            "gradient_checkpointing": not args.no_gradient_checkpointing,
+            "optimizer": "torch AdamW (fp32 LoRA weights)",
+            "zero_stage": 2,
+            "world_size": dist.get_world_size(),
+            "attention": "sdpa, causal, no padding",
         },
-        "model": {**counts, "trainable_lora_params": trainable, "linear4bit_layers": n4bit,
-                  "unquantized_frozen_params_by_dtype": other_dtypes},
+        "model": {
+            **counts,
+            "trainable_lora_params": trainable,
+            "linear4bit_layers": n4bit,
+            "unquantized_frozen_params_by_dtype": other_dtypes,
+        },
         "figures": {
             "tokens_per_s": tok_s,
             "seconds_per_optimizer_step": seconds / len(timed),
@@ -281,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_tflops_per_s": achieved,
             "mfu": achieved / peak if peak else None,
             "mfu_formula": "6 * params * tokens_per_s / peak_bf16_dense (params: base model incl. embedding and "
-                           "output layer; attention FLOPs not counted)",
+            "output layer; attention FLOPs not counted)",
             "peak_bf16_dense_tflops": peak,
             "measured_bf16_matmul_tflops": ceiling,
             "fraction_of_measured_matmul": achieved / ceiling if ceiling else None,
@@ -294,12 +361,16 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     f = result["figures"]
-    print(f"\n{card}: {counts['params'] / 1e6:.1f} M params, {trainable / 1e6:.2f} M LoRA params, "
-          f"{n4bit} Linear4bit layers")
-    print(f"tokens/s {tok_s:.0f} | s/step {f['seconds_per_optimizer_step']:.3f} ({tokens_per_step} tokens) | "
-          f"model TFLOP/s {achieved:.1f} | MFU {f['mfu'] if f['mfu'] is None else format(f['mfu'], '.1%')} | "
-          f"peak mem {f['peak_memory_train_gib'] and format(f['peak_memory_train_gib'], '.2f')} GiB | "
-          f"matmul ceiling {ceiling and format(ceiling, '.0f')} TFLOP/s | total {f['total_s']:.0f} s")
+    print(
+        f"\n{card}: {counts['params'] / 1e6:.1f} M params, {trainable / 1e6:.2f} M LoRA params, "
+        f"{n4bit} Linear4bit layers"
+    )
+    print(
+        f"tokens/s {tok_s:.0f} | s/step {f['seconds_per_optimizer_step']:.3f} ({tokens_per_step} tokens) | "
+        f"model TFLOP/s {achieved:.1f} | MFU {f['mfu'] if f['mfu'] is None else format(f['mfu'], '.1%')} | "
+        f"peak mem {f['peak_memory_train_gib'] and format(f['peak_memory_train_gib'], '.2f')} GiB | "
+        f"matmul ceiling {ceiling and format(ceiling, '.0f')} TFLOP/s | total {f['total_s']:.0f} s"
+    )
     print(f"wrote {out}")
     if any(not (r["loss"] == r["loss"]) for r in step_rows):  # NaN
         raise SystemExit("a loss was NaN")

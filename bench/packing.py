@@ -28,11 +28,33 @@ from trainer_vs_hf import cpu_model  # noqa: E402  (one description of the machi
 def run(experiment: str, pack: bool, model: Path, data: Path, work: Path, threads: int) -> dict:
     """Train the experiment from the workflow's config with packing on or off (evaluation off)."""
     out = work / "summary.json"
-    cmd = [sys.executable, "-m", "snaketune.cli", "train", "--config", str(ROOT / "config/config.yaml"), experiment,
-           "--set", f"train.pack_to_max_length={str(pack).lower()}", "--set", "train.evaluation_inputs=[]",
-           "--model", str(model), "--data", str(data), "--work-dir", str(work / "ckpt"), "--summary", str(out),
-           "--metrics", str(work / "metrics.jsonl"), "--provenance", str(work / "provenance.json"),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snaketune.cli",
+        "train",
+        "--config",
+        str(ROOT / "config/config.yaml"),
+        experiment,
+        "--set",
+        f"train.pack_to_max_length={str(pack).lower()}",
+        "--set",
+        "train.evaluation_inputs=[]",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--work-dir",
+        str(work / "ckpt"),
+        "--summary",
+        str(out),
+        "--metrics",
+        str(work / "metrics.jsonl"),
+        "--provenance",
+        str(work / "provenance.json"),
+        "--threads",
+        str(threads),
+    ]
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.time() - t0
@@ -46,8 +68,9 @@ def run(experiment: str, pack: bool, model: Path, data: Path, work: Path, thread
         "rows": summary["rows"],
         "optimizer_steps": summary["optimizer_steps"],
         "real_tokens_per_s": round(sum(m["real_tokens"] for m in metrics) / steps_time, 1),
-        "padding_fraction": round(sum(m["tokens"] - m["real_tokens"] for m in metrics)
-                                  / sum(m["tokens"] for m in metrics), 3),
+        "padding_fraction": round(
+            sum(m["tokens"] - m["real_tokens"] for m in metrics) / sum(m["tokens"] for m in metrics), 3
+        ),
         "final_loss": round(metrics[-1]["loss"], 4),
     }
 
@@ -64,11 +87,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pack in (False, True):
-            rows.append(run(args.experiment, pack, Path(args.model), Path(args.data), Path(tmp) / f"pack_{pack}",
-                            args.threads))
-    record = {"experiment": args.experiment, "max_length": train.max_length, "batch_size": train.batch_size,
-              "threads": args.threads, "machine": f"{platform.machine()}, {cpu_model()}",
-              "date": time.strftime("%Y-%m-%d"), "runs": rows}
+            rows.append(
+                run(args.experiment, pack, Path(args.model), Path(args.data), Path(tmp) / f"pack_{pack}", args.threads)
+            )
+    record = {
+        "experiment": args.experiment,
+        "max_length": train.max_length,
+        "batch_size": train.batch_size,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {cpu_model()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     cols = list(rows[0])

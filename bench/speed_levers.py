@@ -35,18 +35,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-BEFORE = {"checkpointing": True, "supervised_head": False, "group_by_length": False, "fused_adamw": False,
-          "dropout": True}
-LEVERS = {"no checkpointing": {"checkpointing": False}, "supervised head": {"supervised_head": True},
-          "length groups": {"group_by_length": True}, "fused AdamW": {"fused_adamw": True},
-          "no LoRA dropout": {"dropout": False}, "shared dropout masks": {"dropout": "shared"}}
+BEFORE = {
+    "checkpointing": True,
+    "supervised_head": False,
+    "group_by_length": False,
+    "fused_adamw": False,
+    "dropout": True,
+}
+LEVERS = {
+    "no checkpointing": {"checkpointing": False},
+    "supervised head": {"supervised_head": True},
+    "length groups": {"group_by_length": True},
+    "fused AdamW": {"fused_adamw": True},
+    "no LoRA dropout": {"dropout": False},
+    "shared dropout masks": {"dropout": "shared"},
+}
 
 
 def variants(dropout_after: bool) -> dict[str, dict]:
     out = {"before": BEFORE}
     out.update({f"+ {name}": {**BEFORE, **lever} for name, lever in LEVERS.items()})
-    out["after"] = {"checkpointing": False, "supervised_head": True, "group_by_length": True, "fused_adamw": True,
-                    "dropout": dropout_after}
+    out["after"] = {
+        "checkpointing": False,
+        "supervised_head": True,
+        "group_by_length": True,
+        "fused_adamw": True,
+        "dropout": dropout_after,
+    }
     return out
 
 
@@ -77,8 +92,9 @@ class Switches:
         losses.accepts_logits_to_keep = ACCEPTS if v["supervised_head"] else (lambda model: False)
         self.engine.optimizer.optimizer.param_groups[0]["fused"] = v["fused_adamw"]
         for layer, dropout in self.dropouts.items():
-            layer.lora_dropout["default"] = (self.shared[layer] if v["dropout"] == "shared" else
-                                             dropout if v["dropout"] else self.identity)
+            layer.lora_dropout["default"] = (
+                self.shared[layer] if v["dropout"] == "shared" else dropout if v["dropout"] else self.identity
+            )
 
 
 def SharedDropout(p, memo):  # noqa: N802  (prototype: one mask per input tensor shared by sibling layers)
@@ -115,11 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import torch
+    from trainer_vs_hf import busiest_processes, cpu_model, experiment_workload, load_average
 
     from snaketune import batching, losses, train
     from snaketune.config import TrainConfig
     from snaketune.model import load_tokenizer
-    from trainer_vs_hf import busiest_processes, cpu_model, experiment_workload, load_average
 
     ACCEPTS = losses.accepts_logits_to_keep
     workload = experiment_workload(args, None)
@@ -139,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, v in todo.items():
             switches.apply(v)
             vcfg = replace(cfg, group_by_length=v["group_by_length"])
-            batches = batching.Batches(plan.rows, plan.iters_per_epoch, vcfg, tokenizer.pad_token_id, 0, 1,
-                                         vcfg.batch_size)  # whole micro-batches
+            batches = batching.Batches(
+                plan.rows, plan.iters_per_epoch, vcfg, tokenizer.pad_token_id, 0, 1, vcfg.batch_size
+            )  # whole micro-batches
             load = load_average()
             t0 = time.perf_counter()
             tokens = real = 0
@@ -150,29 +167,55 @@ def main(argv: list[str] | None = None) -> dict:
                 row = train.train_window(engine, window, n_real)
                 tokens, real = tokens + row["tokens"], real + row["real_tokens"]
             seconds = time.perf_counter() - t0
-            runs.append({"variant": name, "round": rnd, "seconds": seconds, "tokens": tokens, "real_tokens": real,
-                         "load_average": load, "busiest": busiest_processes(3)})
-            print(f"round {rnd + 1} {name}: {seconds:.1f} s, {real / seconds:.1f} real tokens/s, "
-                  f"padding {1 - real / tokens:.1%}, load {load}", flush=True)
+            runs.append(
+                {
+                    "variant": name,
+                    "round": rnd,
+                    "seconds": seconds,
+                    "tokens": tokens,
+                    "real_tokens": real,
+                    "load_average": load,
+                    "busiest": busiest_processes(3),
+                }
+            )
+            print(
+                f"round {rnd + 1} {name}: {seconds:.1f} s, {real / seconds:.1f} real tokens/s, "
+                f"padding {1 - real / tokens:.1%}, load {load}",
+                flush=True,
+            )
     summary = {}
     for name in todo:
         mine = [r for r in runs if r["variant"] == name]
         med = statistics.median(r["seconds"] for r in mine)
-        summary[name] = {"epoch_s_min": min(r["seconds"] for r in mine), "epoch_s_median": med,
-                         "real_tokens_per_s": mine[0]["real_tokens"] / med,
-                         "padding": 1 - mine[0]["real_tokens"] / mine[0]["tokens"]}
+        summary[name] = {
+            "epoch_s_min": min(r["seconds"] for r in mine),
+            "epoch_s_median": med,
+            "real_tokens_per_s": mine[0]["real_tokens"] / med,
+            "padding": 1 - mine[0]["real_tokens"] / mine[0]["tokens"],
+        }
     for name in todo:
         summary[name]["speedup"] = summary["before"]["epoch_s_median"] / summary[name]["epoch_s_median"]
-    record = {"benchmark": __doc__.splitlines()[0], "workload": workload["name"], "data": workload["data_file"],
-              "samples": len(plan.rows), "overrides": args.set, "machine": cpu_model(),
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "variants": todo,
-              "summary": summary, "runs": runs}
+    record = {
+        "benchmark": __doc__.splitlines()[0],
+        "workload": workload["name"],
+        "data": workload["data_file"],
+        "samples": len(plan.rows),
+        "overrides": args.set,
+        "machine": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "variants": todo,
+        "summary": summary,
+        "runs": runs,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print("| variant | s per epoch (min / median) | real tokens/s | padding | speed-up |\n|---|---:|---:|---:|---:|")
     for name, s in summary.items():
-        print(f"| {name} | {s['epoch_s_min']:.1f} / {s['epoch_s_median']:.1f} | {s['real_tokens_per_s']:.1f} | "
-              f"{s['padding']:.1%} | {s['speedup']:.2f}x |")
+        print(
+            f"| {name} | {s['epoch_s_min']:.1f} / {s['epoch_s_median']:.1f} | {s['real_tokens_per_s']:.1f} | "
+            f"{s['padding']:.1%} | {s['speedup']:.2f}x |"
+        )
     print(f"wrote {args.out}")
     return record
 

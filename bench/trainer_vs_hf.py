@@ -86,19 +86,20 @@ def load_average() -> list[float]:
 def busiest_processes(n: int = 4) -> list[str]:
     """What else used the CPU when a run started (ps, highest %CPU first), to judge the figures."""
     try:
-        out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], check=False, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], check=False, capture_output=True, text=True
+        ).stdout
     except OSError:
         return []
-    return [" ".join(line.split()) for line in out.splitlines()[1:n + 1]]
+    return [" ".join(line.split()) for line in out.splitlines()[1 : n + 1]]
 
 
 # ---------------------------------------------------------------- what both arms train on
 
 
 def encoded_samples(data_file: Path, tokenizer, cfg):
-    from snaketune.data import read_records
     from snaketune.batching import encode_dataset
+    from snaketune.data import read_records
 
     samples, _ = encode_dataset(read_records(data_file), tokenizer, cfg)
     return samples
@@ -129,15 +130,17 @@ def final_data_loss(model, samples, pad_id: int, device: str, batch_size: int = 
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
+            chunk = samples[i : i + batch_size]
             width = max(len(s.input_ids) for s in chunk)
             ids = torch.tensor([s.input_ids + [pad_id] * (width - len(s.input_ids)) for s in chunk], device=device)
             labels = torch.tensor([s.labels + [-100] * (width - len(s.labels)) for s in chunk], device=device)
-            mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in chunk],
-                                device=device)
+            mask = torch.tensor(
+                [[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in chunk], device=device
+            )
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels[:, 1:] != -100).sum())
     return total / count
 
@@ -148,9 +151,9 @@ def final_data_loss(model, samples, pad_id: int, device: str, batch_size: int = 
 def run_snaketune(spec: dict) -> dict:
     import torch
 
+    from snaketune import train as snaketune_train
     from snaketune.config import TrainConfig
     from snaketune.lora_state import read_lora_state
-    from snaketune import train as snaketune_train
     from snaketune.model import load_for_training, load_tokenizer
     from snaketune.train import train
 
@@ -175,15 +178,29 @@ def run_snaketune(spec: dict) -> dict:
     from peft import set_peft_model_state_dict
 
     tok = load_tokenizer(spec["model_dir"])
-    model = load_for_training(spec["model_dir"], cfg.lora, quantization=cfg.quantization,
-                              gradient_checkpointing=False, device=summary["device"])
+    model = load_for_training(
+        spec["model_dir"],
+        cfg.lora,
+        quantization=cfg.quantization,
+        gradient_checkpointing=False,
+        device=summary["device"],
+    )
     set_peft_model_state_dict(model, read_lora_state(summary["checkpoint"]))
     samples = encoded_samples(Path(spec["data_file"]), tok, cfg)
-    return {"train_s": seconds, "step_s": [round(m["time_s"], 4) for m in metrics], "optimizer_steps": len(metrics), "real_tokens": real, "tokens": tokens,
-            "padding": 1 - real / tokens, "peak_rss": peak_rss, "peak_rss_loaded": loaded["rss"], "peak_gpu": peak_gpu,
-            "final_step_loss": metrics[-1]["loss"],
-            "final_data_loss": final_data_loss(model, samples, tok.pad_token_id, summary["device"]),
-            "device": summary["device"]}
+    return {
+        "train_s": seconds,
+        "step_s": [round(m["time_s"], 4) for m in metrics],
+        "optimizer_steps": len(metrics),
+        "real_tokens": real,
+        "tokens": tokens,
+        "padding": 1 - real / tokens,
+        "peak_rss": peak_rss,
+        "peak_rss_loaded": loaded["rss"],
+        "peak_gpu": peak_gpu,
+        "final_step_loss": metrics[-1]["loss"],
+        "final_data_loss": final_data_loss(model, samples, tok.pad_token_id, summary["device"]),
+        "device": summary["device"],
+    }
 
 
 def run_hf(spec: dict) -> dict:
@@ -216,19 +233,30 @@ def run_hf(spec: dict) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     rows = hf_rows(spec, tokenizer, cfg)
 
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb_config, dtype=dtype,
-                                                 device_map={"": 0} if cuda else "cpu")
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], quantization_config=bnb_config, dtype=dtype, device_map={"": 0} if cuda else "cpu"
+    )
     model = prepare_model_for_kbit_training(model)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     peak_rss_loaded = peak_rss_bytes()
 
     counts = {"real": 0, "tokens": 0}
-    base_collator = default_data_collator if cfg.pack_to_max_length else DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=-100)
+    base_collator = (
+        default_data_collator
+        if cfg.pack_to_max_length
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    )
 
     def collator(features):  # counts the padding; the batch is the documented collator's
         batch = base_collator(features)
@@ -254,12 +282,26 @@ def run_hf(spec: dict) -> dict:
     iterations = -(-len(rows) // cfg.batch_size) * cfg.max_epochs
     warmup_steps = int(cfg.warmup_ratio * iterations) // cfg.accumulative_counts
     args = TrainingArguments(
-        output_dir=spec["work_dir"], per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.accumulative_counts, num_train_epochs=cfg.max_epochs,
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
-        max_grad_norm=cfg.max_norm, lr_scheduler_type="cosine", warmup_steps=warmup_steps, seed=cfg.seed,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=bf16, fp16=cuda and not bf16,
-        use_cpu=not cuda, dataloader_num_workers=0)
+        output_dir=spec["work_dir"],
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.accumulative_counts,
+        num_train_epochs=cfg.max_epochs,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        max_grad_norm=cfg.max_norm,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps,
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
     timer = StepTimes()
     try:
         from datasets import Dataset
@@ -273,12 +315,20 @@ def run_hf(spec: dict) -> dict:
     peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     samples = encoded_samples(Path(spec["data_file"]), tokenizer, cfg)
-    return {"train_s": sum(timer.times), "step_s": [round(t, 4) for t in timer.times], "optimizer_steps": len(timer.times), "real_tokens": counts["real"],
-            "tokens": counts["tokens"], "padding": 1 - counts["real"] / counts["tokens"], "peak_rss": peak_rss,
-            "peak_rss_loaded": peak_rss_loaded,
-            "peak_gpu": peak_gpu, "final_step_loss": losses[-1],
-            "final_data_loss": final_data_loss(model, samples, tokenizer.pad_token_id, "cuda" if cuda else "cpu"),
-            "device": "cuda" if cuda else "cpu"}
+    return {
+        "train_s": sum(timer.times),
+        "step_s": [round(t, 4) for t in timer.times],
+        "optimizer_steps": len(timer.times),
+        "real_tokens": counts["real"],
+        "tokens": counts["tokens"],
+        "padding": 1 - counts["real"] / counts["tokens"],
+        "peak_rss": peak_rss,
+        "peak_rss_loaded": peak_rss_loaded,
+        "peak_gpu": peak_gpu,
+        "final_step_loss": losses[-1],
+        "final_data_loss": final_data_loss(model, samples, tokenizer.pad_token_id, "cuda" if cuda else "cpu"),
+        "device": "cuda" if cuda else "cpu",
+    }
 
 
 def child(arm: str, spec_file: Path, result_file: Path) -> None:
@@ -308,17 +358,24 @@ def experiment_workload(args, tmp: Path) -> dict:
     data_file = Path(args.data or ROOT / exp.data_file)
     for path, made_by in ((model_dir, "fetch_model"), (data_file, "the data rules")):
         if not path.exists():
-            raise SystemExit(f"{path} does not exist: run the workflow first (snakemake --cores all final_model), "
-                             f"or the {made_by} step by hand")
+            raise SystemExit(
+                f"{path} does not exist: run the workflow first (snakemake --cores all final_model), "
+                f"or the {made_by} step by hand"
+            )
     train = replace(exp.train, evaluation_inputs=[])
     name = f"experiment {name}"
     records = read_records(data_file)
     if any(LOSS_KEY in r for r in records):  # the baseline has no distillation term: both arms train on
-        data_file = tmp / "data_ce.json"     # cross-entropy at every record's answers
+        data_file = tmp / "data_ce.json"  # cross-entropy at every record's answers
         write_records([{k: v for k, v in r.items() if k != LOSS_KEY} for r in records], data_file)
         name += " (loss kl marks removed: cross-entropy on every record in both arms)"
-    return {"name": name, "model_dir": str(model_dir), "data_file": str(data_file),
-            "train": asdict(train), "params": None}
+    return {
+        "name": name,
+        "model_dir": str(model_dir),
+        "data_file": str(data_file),
+        "train": asdict(train),
+        "params": None,
+    }
 
 
 def gpu_workload(args, tmp: Path) -> dict:
@@ -349,20 +406,39 @@ def gpu_workload(args, tmp: Path) -> dict:
         q, a = rnd.randint(20, 300), rnd.randint(20, 600)
         if args.tiny:
             q, a = q // 16 + 2, a // 16 + 2
-        records.append({"conversation": [{"input": " ".join(rnd.choices(words, k=q)),
-                                          "output": " ".join(rnd.choices(words, k=a))}]})
+        records.append(
+            {
+                "conversation": [
+                    {"input": " ".join(rnd.choices(words, k=q)), "output": " ".join(rnd.choices(words, k=a))}
+                ]
+            }
+        )
         total += q + a + 12
     data_file = tmp / "conversations.json"
     data_file.write_text(json.dumps(records))
-    train = TrainConfig(template="internlm2_chat", max_length=seq, pack_to_max_length=True, batch_size=1,
-                        accumulative_counts=args.acc, max_epochs=1, lr=2e-4, warmup_ratio=0.03,
-                        save_steps=10**9, lora=LoraConfig(r=64, alpha=16, dropout=0.1))
+    train = TrainConfig(
+        template="internlm2_chat",
+        max_length=seq,
+        pack_to_max_length=True,
+        batch_size=1,
+        accumulative_counts=args.acc,
+        max_epochs=1,
+        lr=2e-4,
+        warmup_ratio=0.03,
+        save_steps=10**9,
+        lora=LoraConfig(r=64, alpha=16, dropout=0.1),
+    )
     if args.set:  # the same KEY=VALUE overrides, applied to this synthetic experiment
         config, _ = load_dict({"run": ["gpu"], "experiments": {"gpu": {"train": asdict(train)}}}, args.set)
         train = TrainConfig.from_dict(config["experiments"]["gpu"]["train"])
-    return {"name": ("tiny shapes (test of the GPU mode)" if args.tiny else "InternLM2-chat-1.8B shapes")
-            + f", random weights, {seq}-token packed rows", "model_dir": str(model_dir), "data_file": str(data_file),
-            "train": asdict(train), "params": counts}
+    return {
+        "name": ("tiny shapes (test of the GPU mode)" if args.tiny else "InternLM2-chat-1.8B shapes")
+        + f", random weights, {seq}-token packed rows",
+        "model_dir": str(model_dir),
+        "data_file": str(data_file),
+        "train": asdict(train),
+        "params": counts,
+    }
 
 
 def load_dict(config: dict, sets: list[str]) -> tuple[dict, str]:
@@ -395,28 +471,44 @@ def one_run(arm: str, workload: dict, threads: int, tmp: Path, k: int) -> dict:
     started = {"load_average": load_average(), "busiest": busiest_processes()}
     t0 = time.time()
     with open(work / "log.txt", "w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--child", arm, str(work / "spec.json"),
-                               str(work / "result.json")], check=False, stdout=log, stderr=subprocess.STDOUT,
-                              env={**arm_env(arm, workload), "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", arm, str(work / "spec.json"), str(work / "result.json")],
+            check=False,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**arm_env(arm, workload), "TOKENIZERS_PARALLELISM": "false"},
+        )
     if proc.returncode:
         raise SystemExit(f"{arm} run {k} failed; its log:\n{(work / 'log.txt').read_text()[-4000:]}")
     result = json.loads((work / "result.json").read_text())
-    return {"arm": arm, "run": k, "wall_s": time.time() - t0, **started, **result,
-            "real_tokens_per_s": result["real_tokens"] / result["train_s"]}
+    return {
+        "arm": arm,
+        "run": k,
+        "wall_s": time.time() - t0,
+        **started,
+        **result,
+        "real_tokens_per_s": result["real_tokens"] / result["train_s"],
+    }
 
 
 def summarize(runs: list[dict], arm: str) -> dict:
     mine = [r for r in runs if r["arm"] == arm]
     secs = [r["train_s"] for r in mine]
     med = statistics.median(secs)
-    return {"runs": len(mine), "train_s_min": min(secs), "train_s_median": med,
-            "real_tokens_per_s": statistics.median(r["real_tokens"] for r in mine) / med,
-            "padding": mine[0]["padding"], "peak_rss_gb": max(r["peak_rss"] for r in mine) / 1e9,
-            "peak_rss_loaded_gb": max(r["peak_rss_loaded"] for r in mine) / 1e9,
-            "peak_gpu_gib": (max(r["peak_gpu"] for r in mine) / 2**30) if mine[0]["peak_gpu"] else None,
-            "final_step_loss": statistics.median(r["final_step_loss"] for r in mine),
-            "final_data_loss": statistics.median(r["final_data_loss"] for r in mine),
-            "optimizer_steps": mine[0]["optimizer_steps"], "malloc": sorted({r["malloc"] for r in mine})}
+    return {
+        "runs": len(mine),
+        "train_s_min": min(secs),
+        "train_s_median": med,
+        "real_tokens_per_s": statistics.median(r["real_tokens"] for r in mine) / med,
+        "padding": mine[0]["padding"],
+        "peak_rss_gb": max(r["peak_rss"] for r in mine) / 1e9,
+        "peak_rss_loaded_gb": max(r["peak_rss_loaded"] for r in mine) / 1e9,
+        "peak_gpu_gib": (max(r["peak_gpu"] for r in mine) / 2**30) if mine[0]["peak_gpu"] else None,
+        "final_step_loss": statistics.median(r["final_step_loss"] for r in mine),
+        "final_data_loss": statistics.median(r["final_data_loss"] for r in mine),
+        "optimizer_steps": mine[0]["optimizer_steps"],
+        "malloc": sorted({r["malloc"] for r in mine}),
+    }
 
 
 def mfu(summary: dict, params: int | None, card: str | None) -> float | None:
@@ -431,19 +523,33 @@ def mfu(summary: dict, params: int | None, card: str | None) -> float | None:
 def table(record: dict) -> str:
     s = record["summary"]
     gpu = record["device"] == "cuda"
-    head = ("| arm | training s (min / median) | real tokens/s | padding | "
-            + ("peak GPU memory (GiB) | MFU |" if gpu else "peak RSS (GB) |") + " final loss: last step / all data |")
+    head = (
+        "| arm | training s (min / median) | real tokens/s | padding | "
+        + ("peak GPU memory (GiB) | MFU |" if gpu else "peak RSS (GB) |")
+        + " final loss: last step / all data |"
+    )
     lines = [head, "|---|---:|---:|---:|" + ("---:|---:|" if gpu else "---:|") + "---:|"]
     for arm in [a for a in ARMS + EXTRA_ARMS if a in s]:
         x = s[arm]
-        mem = (f"{x['peak_gpu_gib']:.2f} | {x['mfu']:.1%} |" if x.get("mfu") is not None else
-               f"{x['peak_gpu_gib']:.2f} | n/a |") if gpu else f"{x['peak_rss_gb']:.2f} |"
-        lines.append(f"| {arm} ({', '.join(x['malloc'])}) | {x['train_s_min']:.1f} / {x['train_s_median']:.1f} | {x['real_tokens_per_s']:.1f} | "
-                     f"{x['padding']:.1%} | {mem} {x['final_step_loss']:.4g} / {x['final_data_loss']:.4g} |")
+        mem = (
+            (
+                f"{x['peak_gpu_gib']:.2f} | {x['mfu']:.1%} |"
+                if x.get("mfu") is not None
+                else f"{x['peak_gpu_gib']:.2f} | n/a |"
+            )
+            if gpu
+            else f"{x['peak_rss_gb']:.2f} |"
+        )
+        lines.append(
+            f"| {arm} ({', '.join(x['malloc'])}) | {x['train_s_min']:.1f} / {x['train_s_median']:.1f} | {x['real_tokens_per_s']:.1f} | "
+            f"{x['padding']:.1%} | {mem} {x['final_step_loss']:.4g} / {x['final_data_loss']:.4g} |"
+        )
     if "speedup" in record:
-        lines.append(f"\nsnaketune / hf real tokens/s: **{record['speedup']:.2f}x** ({record['machine']}; "
-                     f"{record['runs_per_arm']} runs per arm, alternated; load averages at the starts: "
-                     f"{record['load_averages']})")
+        lines.append(
+            f"\nsnaketune / hf real tokens/s: **{record['speedup']:.2f}x** ({record['machine']}; "
+            f"{record['runs_per_arm']} runs per arm, alternated; load averages at the starts: "
+            f"{record['load_averages']})"
+        )
     return "\n".join(lines)
 
 
@@ -471,8 +577,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     import torch
 
     name = "trainer_vs_hf_gpu.json" if args.gpu else "trainer_vs_hf.json"
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / name if os.environ.get("OUT")
-                                           else ROOT / "bench/results" / name)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(os.environ["OUT"]) / name if os.environ.get("OUT") else ROOT / "bench/results" / name)
+    )
     arms = [a for a in args.arms.split(",") if a]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else None
@@ -484,20 +593,33 @@ def main(argv: list[str] | None = None) -> dict | None:
             for arm in arms:
                 runs.append(one_run(arm, workload, args.threads, tmp, k))
                 r = runs[-1]
-                print(f"{arm} run {k + 1}: {r['train_s']:.1f} s, {r['real_tokens_per_s']:.1f} real tokens/s, "
-                      f"padding {r['padding']:.1%}, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
-                      f"loss {r['final_step_loss']:.4g} / data {r['final_data_loss']:.4g}, "
-                      f"load {r['load_average']}", flush=True)
+                print(
+                    f"{arm} run {k + 1}: {r['train_s']:.1f} s, {r['real_tokens_per_s']:.1f} real tokens/s, "
+                    f"padding {r['padding']:.1%}, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
+                    f"loss {r['final_step_loss']:.4g} / data {r['final_data_loss']:.4g}, "
+                    f"load {r['load_average']}",
+                    flush=True,
+                )
     summary = {arm: summarize(runs, arm) for arm in arms}
     params = (workload["params"] or {}).get("params")
     for arm in arms:
         summary[arm]["mfu"] = mfu(summary[arm], params, card) if device == "cuda" else None
-    record = {"benchmark": __doc__.splitlines()[0], "workload": workload["name"],
-              "settings": workload["train"], "model_params": workload["params"], "overrides": args.set,
-              "device": device, "card": card, "machine": f"{platform.machine()}, {cpu_model()}" + (
-                  f", {card}" if card else ""),
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "runs_per_arm": args.runs,
-              "load_averages": [r["load_average"][0] for r in runs], "summary": summary, "runs": runs}
+    record = {
+        "benchmark": __doc__.splitlines()[0],
+        "workload": workload["name"],
+        "settings": workload["train"],
+        "model_params": workload["params"],
+        "overrides": args.set,
+        "device": device,
+        "card": card,
+        "machine": f"{platform.machine()}, {cpu_model()}" + (f", {card}" if card else ""),
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runs_per_arm": args.runs,
+        "load_averages": [r["load_average"][0] for r in runs],
+        "summary": summary,
+        "runs": runs,
+    }
     if set(ARMS) <= set(arms):
         record["speedup"] = summary["snaketune"]["real_tokens_per_s"] / summary["hf"]["real_tokens_per_s"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Convert a dataset to XTuner's conversation format. By hand: python scripts/convert_data.py --help"""
 
 import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
+
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.config import DatasetConfig

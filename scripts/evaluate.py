@@ -1,6 +1,7 @@
 """What fine-tuning gained and cost, the thresholds and the export checks. By hand: python scripts/evaluate.py --help"""
 
 import _workflow  # noqa: F401  (this checkout's snaketune package first on sys.path)
+
 from snaketune import steps
 from snaketune.cli import by_hand
 from snaketune.joblog import job

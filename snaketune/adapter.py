@@ -35,8 +35,10 @@ def check_finite(named_tensors, source: str) -> None:
 
     bad = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {', '.join(bad[:3])}; "
-                               "the training diverged or the file is damaged: retrain with a lower lr")
+        raise NonFiniteWeights(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {', '.join(bad[:3])}; "
+            "the training diverged or the file is damaged: retrain with a lower lr"
+        )
 
 
 def check_adapter(state: dict[str, Any], source: str) -> None:
@@ -46,8 +48,10 @@ def check_adapter(state: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: no LoRA tensors found; was the checkpoint written by a LoRA training?")
     b = [t for k, t in state.items() if ".lora_B." in k]
     if not b or all(not t.any() for t in b):
-        raise ValueError(f"{source}: every lora_B tensor is zero, so the adapter changes nothing "
-                         "(training did not update it: check lr and that the loss had supervised tokens)")
+        raise ValueError(
+            f"{source}: every lora_B tensor is zero, so the adapter changes nothing "
+            "(training did not update it: check lr and that the loss had supervised tokens)"
+        )
 
 
 def target_modules(state: dict[str, Any]) -> list[str]:
@@ -66,15 +70,22 @@ def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], expor
 
     dtype = torch.float32 if export.fp32 else torch.float16
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    split = split_torch_state_dict_into_shards(state, filename_pattern="adapter_model{suffix}.safetensors",
-                                               max_shard_size=export.max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="adapter_model{suffix}.safetensors", max_shard_size=export.max_shard_size
+    )
     with atomic_dir(out) as tmp:
         for filename, keys in split.filename_to_tensors.items():
             save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
         if split.is_sharded:
-            (tmp / ADAPTER_INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}, indent=1))
+            (tmp / ADAPTER_INDEX).write_text(
+                json.dumps(
+                    {
+                        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                        "weight_map": split.tensor_to_filename,
+                    },
+                    indent=1,
+                )
+            )
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return sorted(split.filename_to_tensors)
 
@@ -84,13 +95,15 @@ def adapter_config(lora: LoraConfig, state: dict[str, Any], base_model: str) -> 
 
     kw = lora_kwargs(lora)
     kw["target_modules"] = target_modules(state)
-    cfg = PeftLoraConfig(task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model,
-                     inference_mode=True, **kw)
+    cfg = PeftLoraConfig(
+        task_type="CAUSAL_LM", bias="none", base_model_name_or_path=base_model, inference_mode=True, **kw
+    )
     return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
 
 
-def pth_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, lora: LoraConfig, base_model: str,
-              export: ExportConfig) -> list[str]:
+def pth_to_hf(
+    ckpt: str | os.PathLike, out: str | os.PathLike, lora: LoraConfig, base_model: str, export: ExportConfig
+) -> list[str]:
     """``xtuner convert pth_to_hf``: checkpoint -> adapter directory (checked before it is written)."""
     state = read_lora_state(ckpt)
     check_adapter(state, str(ckpt))

@@ -44,8 +44,13 @@ def encode_dataset(records: list[dict], tokenizer, cfg: TrainConfig) -> tuple[li
             truncated_tokens += enc.truncated
         kept.append(Sample(**asdict(enc), kl=rec.get(LOSS_KEY) == "kl"))
         kl += kept[-1].kl
-    stats = dict(samples=len(kept), dropped_no_labels=dropped, truncated_samples=truncated_samples,
-                 truncated_tokens=truncated_tokens, kl_samples=kl)
+    stats = dict(
+        samples=len(kept),
+        dropped_no_labels=dropped,
+        truncated_samples=truncated_samples,
+        truncated_tokens=truncated_tokens,
+        kl_samples=kl,
+    )
     return kept, stats
 
 
@@ -77,8 +82,15 @@ def pack(samples: list[Encoded], max_length: int, seed: int) -> list[Row]:
 
 
 def as_rows(samples: list[Encoded]) -> list[Row]:
-    return [Row(smp.input_ids, smp.labels, list(range(len(smp.input_ids))),
-                [1] * len(smp.input_ids) if getattr(smp, "kl", False) else []) for smp in samples]
+    return [
+        Row(
+            smp.input_ids,
+            smp.labels,
+            list(range(len(smp.input_ids))),
+            [1] * len(smp.input_ids) if getattr(smp, "kl", False) else [],
+        )
+        for smp in samples
+    ]
 
 
 def collate(rows: list[Row], pad_id: int):
@@ -95,8 +107,9 @@ def collate(rows: list[Row], pad_id: int):
         pos.append(r.position_ids + list(range(n)))
     marks = None
     if any(r.kl for r in rows):
-        marks = torch.tensor([(r.kl or [0] * len(r.input_ids)) + [0] * (width - len(r.input_ids)) for r in rows],
-                             dtype=torch.bool)
+        marks = torch.tensor(
+            [(r.kl or [0] * len(r.input_ids)) + [0] * (width - len(r.input_ids)) for r in rows], dtype=torch.bool
+        )
     return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks
 
 
@@ -132,21 +145,22 @@ def group_by_length(order: list[int], lengths: list[int], global_batch: int, gen
     out = []
     block = global_batch * GROUP_STEPS
     for start in range(0, len(order), block):
-        ranked = sorted(order[start:start + block], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+        ranked = sorted(order[start : start + block], key=lambda i: -lengths[i])  # stable: ties stay shuffled
         full = len(ranked) // global_batch * global_batch
-        batches = [ranked[i:i + global_batch] for i in range(0, full, global_batch)]
+        batches = [ranked[i : i + global_batch] for i in range(0, full, global_batch)]
         for k in torch.randperm(len(batches), generator=generator).tolist():
             out += batches[k]
         out += ranked[full:]
     return out
 
 
-def epoch_batches(n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int,
-                  lengths: list[int] | None = None) -> list[list[int]]:
+def epoch_batches(
+    n_rows: int, epoch: int, cfg: TrainConfig, rank: int, world: int, lengths: list[int] | None = None
+) -> list[list[int]]:
     """Row indices of each of this rank's micro-batches in ``epoch`` (see :func:`epoch_order`):
     every ``world``-th index of the epoch's order, in batches; the last batch may be short."""
     mine = epoch_order(n_rows, epoch, cfg, world, lengths)[rank::world]
-    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
 def passes(batch: list[Row], rows: int) -> list[list[Row]]:
@@ -155,7 +169,7 @@ def passes(batch: list[Row], rows: int) -> list[list[Row]]:
     if rows >= len(batch):
         return [batch]
     ranked = sorted(batch, key=lambda r: len(r.input_ids))  # stable: a resumed run cuts the same passes
-    return [ranked[i:i + rows] for i in range(0, len(ranked), rows)]
+    return [ranked[i : i + rows] for i in range(0, len(ranked), rows)]
 
 
 def iters_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
@@ -165,8 +179,9 @@ def iters_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
 class Batches:
     """This rank's micro-batches by iteration, one epoch's order in memory at a time."""
 
-    def __init__(self, rows: list[Row], iters_per_epoch: int, cfg: TrainConfig, pad_id: int, rank: int,
-                 world: int, rows_per: int):
+    def __init__(
+        self, rows: list[Row], iters_per_epoch: int, cfg: TrainConfig, pad_id: int, rank: int, world: int, rows_per: int
+    ):
         self.rows, self.iters_per_epoch, self.cfg, self.pad_id = rows, iters_per_epoch, cfg, pad_id
         self.rank, self.world, self.rows_per = rank, world, rows_per
         self.lengths = [len(r.input_ids) for r in rows]

@@ -27,8 +27,8 @@ from typing import Any, TextIO
 import torch
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from .errors import ConfigError, ConversationTooLong
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
+from .errors import ConfigError, ConversationTooLong
 from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, nf4_config, pick_device
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
@@ -47,15 +47,28 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
             return dict(do_sample=False, max_new_tokens=self.max_new_tokens)
-        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    max_new_tokens=self.max_new_tokens)
+        return dict(
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
 
 
 class Chat:
     """One conversation with a model: ``ask`` a question, get the answer, the history grows."""
 
-    def __init__(self, model, tokenizer, template: PromptTemplate | str, *, system: str = "",
-                 settings: GenerationSettings | None = None, history: list[Turn] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: PromptTemplate | str,
+        *,
+        system: str = "",
+        settings: GenerationSettings | None = None,
+        history: list[Turn] | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.template = resolve_template(template)
         self.system = system
@@ -98,17 +111,23 @@ class Chat:
         ids = self.prompt_ids(question)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and len(ids) >= limit:
-            raise ConversationTooLong(f"the conversation is {len(ids)} tokens, the model's context is {limit}: "
-                                      "/reset it")
+            raise ConversationTooLong(
+                f"the conversation is {len(ids)} tokens, the model's context is {limit}: /reset it"
+            )
         device = next(self.model.parameters()).device
         inputs = torch.tensor([ids], device=device)
         self.model.eval()
         with torch.no_grad():
-            out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                      eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id,
-                                      use_cache=True, streamer=stream and _Streamer(self.tokenizer, self.stops, stream),
-                                      **self.settings.generate_kwargs())
-        new = out[0, len(ids):].tolist()
+            out = self.model.generate(
+                input_ids=inputs,
+                attention_mask=torch.ones_like(inputs),
+                eos_token_id=self.stops,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                streamer=stream and _Streamer(self.tokenizer, self.stops, stream),
+                **self.settings.generate_kwargs(),
+            )
+        new = out[0, len(ids) :].tolist()
         if new and new[-1] in self.stops:
             new = new[:-1]
         answer = self.tokenizer.decode(new, skip_special_tokens=False).strip()
@@ -162,24 +181,35 @@ class _Streamer(TextStreamer):
 # ---------------------------------------------------------------- loading
 
 
-def load_model(model_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None, bits: int | None = None,
-               trust_remote_code: bool = False):
+def load_model(
+    model_dir: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    bits: int | None = None,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer) for chatting: fp32 on the CPU; on a GPU its compute dtype, or NF4 with ``bits=4``."""
     device = pick_device()
     if bits not in (None, 4):
         raise ConfigError(f"--bits {bits}: only 4 (NF4) is supported")
     if bits == 4 and device != "cuda":
-        raise ConfigError("--bits 4 loads the model in 4-bit NF4 with bitsandbytes on a CUDA GPU, and there is none "
-                          "here; leave --bits out to chat in fp32 on the CPU")
+        raise ConfigError(
+            "--bits 4 loads the model in 4-bit NF4 with bitsandbytes on a CUDA GPU, and there is none "
+            "here; leave --bits out to chat in fp32 on the CPU"
+        )
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     if device == "cpu":
         model = load_base(model_dir, "float32", trust_remote_code)
     else:
         dtype = compute_dtype(device)
         quant = nf4_config(dtype) if bits == 4 else None
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
-                                                     device_map={"": torch.cuda.current_device()},
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": torch.cuda.current_device()},
+            trust_remote_code=trust_remote_code,
+        )
     if adapter:
         model = load_peft_model(model, adapter)
     return model.eval(), tokenizer

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 import random
 import re
@@ -43,8 +43,14 @@ RUNS = "runs.jsonl"
 
 # Settings that change what is logged or kept, not the weights: a checkpoint
 # made under other values of these still resumes.
-NOT_IN_FINGERPRINT = {"save_steps", "save_total_limit", "evaluation_freq", "evaluation_inputs",
-                      "evaluation_max_new_tokens", "SYSTEM"}
+NOT_IN_FINGERPRINT = {
+    "save_steps",
+    "save_total_limit",
+    "evaluation_freq",
+    "evaluation_inputs",
+    "evaluation_max_new_tokens",
+    "SYSTEM",
+}
 
 
 def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int) -> str:
@@ -52,8 +58,9 @@ def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int
     from .provenance import model_hash, sha256_file
 
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps({k: v for k, v in asdict(train).items() if k not in NOT_IN_FINGERPRINT}, sort_keys=True).encode()
+    )
     h.update(sha256_file(data_file).encode())
     h.update(model_hash(model_dir).encode())
     h.update(str(world).encode())
@@ -69,7 +76,8 @@ def _checkpoint_dirs(work_dir: Path) -> list[tuple[int, Path]]:
                 if p.is_symlink():
                     raise CheckpointError(
                         f"{p} is a symbolic link (to {os.readlink(p)}); snaketune never resumes from or deletes "
-                        "through a link. Move it out of the work directory, or copy the checkpoint in its place.")
+                        "through a link. Move it out of the work directory, or copy the checkpoint in its place."
+                    )
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -122,12 +130,18 @@ def tidy(work_dir: Path, current: str, total_iters: int) -> None:
         log.warning("ignoring %s: it was not completely written (no %s)", torn, COMPLETE)
     moved = set_aside(work_dir, current)
     if moved:
-        log.warning("checkpoints made with other settings, data, model or rank count moved to %s; "
-                    "training starts from iteration 0", moved)
+        log.warning(
+            "checkpoints made with other settings, data, model or rank count moved to %s; "
+            "training starts from iteration 0",
+            moved,
+        )
     if finished(work_dir, total_iters):
         moved = move_aside([p for _, p in complete_checkpoints(work_dir)], work_dir, "superseded")
-        log.warning("the training in %s had finished; training again from iteration 0 (its checkpoints "
-                    "moved to %s)", work_dir, moved)
+        log.warning(
+            "the training in %s had finished; training again from iteration 0 (its checkpoints moved to %s)",
+            work_dir,
+            moved,
+        )
     for _, ckpt in reversed(complete_checkpoints(work_dir)):
         try:
             verify(ckpt)
@@ -213,13 +227,24 @@ def save(engine, work_dir: Path, iteration: int, *, fingerprint: str, keep: int)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = f"iter_{iteration}.pth"
-    engine.save_checkpoint(str(work_dir), tag=tag, client_state={"iteration": iteration, "world_size": world},
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(work_dir),
+        tag=tag,
+        client_state={"iteration": iteration, "world_size": world},
+        exclude_frozen_parameters=True,
+    )
     torch.save(rng_state(), work_dir / tag / f"rng_state_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        write_json(work_dir / tag / COMPLETE, {"iteration": iteration, "world_size": world,
-                                               "fingerprint": fingerprint, "files": checksums(work_dir / tag)})
+        write_json(
+            work_dir / tag / COMPLETE,
+            {
+                "iteration": iteration,
+                "world_size": world,
+                "fingerprint": fingerprint,
+                "files": checksums(work_dir / tag),
+            },
+        )
         write_text(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
         done = complete_checkpoints(work_dir)
         for _, old in done[:-keep]:

@@ -19,8 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import steps
-from .config import (LAYOUT, ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig, from_dict, load,
-                     resolve)
+from .config import LAYOUT, ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig, from_dict, load, resolve
 from .joblog import job
 
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
@@ -36,8 +35,7 @@ def experiment_of(args: argparse.Namespace):
         try:
             from snakemake.utils import validate
         except ImportError:  # a GPU box with only the training stack: the dataclasses still check keys
-            log.warning("snakemake is not installed: %s is checked against the config dataclasses only",
-                        args.config)
+            log.warning("snakemake is not installed: %s is checked against the config dataclasses only", args.config)
         else:
             try:
                 validate(config, str(SCHEMA))
@@ -97,8 +95,9 @@ def cmd_mix_data(args) -> None:
     exp, layout = experiment_of(args)
     if not exp.mixed:
         raise ConfigError(f"experiment {exp.name} trains on one dataset ({exp.mixture[0].name}): nothing to mix")
-    steps.mix_data(exp.mixture_parts(), args.output or layout.mixture, args.sources or layout.mixture_sources,
-                   seed=exp.train.seed)
+    steps.mix_data(
+        exp.mixture_parts(), args.output or layout.mixture, args.sources or layout.mixture_sources, seed=exp.train.seed
+    )
 
 
 def cmd_fetch_model(args) -> None:
@@ -108,14 +107,24 @@ def cmd_fetch_model(args) -> None:
 
 def cmd_train(args) -> None:
     exp, layout = experiment_of(args)
-    steps.train(steps.TrainJob(
-        model_dir=args.model or layout.model_dir, data_file=args.data or exp.data_file,
-        work_dir=args.work_dir or layout.work_dir, summary=args.summary or layout.summary,
-        metrics=args.metrics or layout.metrics, provenance=args.provenance or layout.provenance,
-        train=exp.train, model=exp.model, record=exp.provenance_record(),
-        mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None,
-        ranks=args.ranks or exp.ranks or max(1, exp.gpus), threads=args.threads,
-        workflow_dir=Path(__file__).resolve().parents[1], log_file=args.log))
+    steps.train(
+        steps.TrainJob(
+            model_dir=args.model or layout.model_dir,
+            data_file=args.data or exp.data_file,
+            work_dir=args.work_dir or layout.work_dir,
+            summary=args.summary or layout.summary,
+            metrics=args.metrics or layout.metrics,
+            provenance=args.provenance or layout.provenance,
+            train=exp.train,
+            model=exp.model,
+            record=exp.provenance_record(),
+            mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None,
+            ranks=args.ranks or exp.ranks or max(1, exp.gpus),
+            threads=args.threads,
+            workflow_dir=Path(__file__).resolve().parents[1],
+            log_file=args.log,
+        )
+    )
 
 
 def cmd_pth_to_hf(args) -> None:
@@ -159,24 +168,43 @@ def cmd_merge(args) -> None:
 
 def cmd_evaluate(args) -> None:
     exp, layout = experiment_of(args)
-    steps.evaluate(steps.EvaluateJob(
-        model=args.base or layout.model_dir, adapter=args.adapter or layout.adapter,
-        merged=args.merged or layout.merged, data=args.data or exp.data_file, answers=layout.answers,
-        markdown=layout.evaluation, summary=layout.evaluation_summary, evaluation=exp.evaluation,
-        template=exp.train.template, system=exp.train.SYSTEM, trust_remote_code=exp.model.trust_remote_code))
+    steps.evaluate(
+        steps.EvaluateJob(
+            model=args.base or layout.model_dir,
+            adapter=args.adapter or layout.adapter,
+            merged=args.merged or layout.merged,
+            data=args.data or exp.data_file,
+            answers=layout.answers,
+            markdown=layout.evaluation,
+            summary=layout.evaluation_summary,
+            evaluation=exp.evaluation,
+            template=exp.train.template,
+            system=exp.train.SYSTEM,
+            trust_remote_code=exp.model.trust_remote_code,
+        )
+    )
 
 
 def cmd_report(args) -> None:
     exp, layout = experiment_of(args)
     benchmarks = sorted(Path().glob(LAYOUT.benchmark("*", exp.name))) + [
         Path(LAYOUT.benchmark("fetch_model", exp.model_name)),
-        *(Path(LAYOUT.benchmark(rule, name)) for rule, name in exp.data_jobs())]
-    steps.report(steps.ReportJob(
-        title=exp.name, metrics=layout.metrics, evaluation=layout.answers,
-        evaluation_summary=layout.evaluation_summary, provenance=layout.provenance,
-        benchmarks=[str(b) for b in benchmarks if b.exists()], curves=layout.curves,
-        evaluation_page=layout.evaluation_page, provenance_page=layout.provenance_page,
-        benchmarks_page=layout.benchmarks_page))
+        *(Path(LAYOUT.benchmark(rule, name)) for rule, name in exp.data_jobs()),
+    ]
+    steps.report(
+        steps.ReportJob(
+            title=exp.name,
+            metrics=layout.metrics,
+            evaluation=layout.answers,
+            evaluation_summary=layout.evaluation_summary,
+            provenance=layout.provenance,
+            benchmarks=[str(b) for b in benchmarks if b.exists()],
+            curves=layout.curves,
+            evaluation_page=layout.evaluation_page,
+            provenance_page=layout.provenance_page,
+            benchmarks_page=layout.benchmarks_page,
+        )
+    )
 
 
 # ---------------------------------------------------------------- chat, web page, XTuner's config and dataset tools
@@ -200,8 +228,9 @@ def _chat(args):
         exp, layout = experiment_of(args)
         model_dir = layout.model_dir if args.adapter else layout.merged
         if not Path(model_dir).is_dir():
-            raise ConfigError(f"{model_dir} does not exist: build it with `snakemake final_model`, "
-                              "or name a model directory")
+            raise ConfigError(
+                f"{model_dir} does not exist: build it with `snakemake final_model`, or name a model directory"
+            )
         template, system, trust = template or exp.train.template, exp.train.SYSTEM, trust or exp.model.trust_remote_code
     if args.system is not None:
         system = args.system
@@ -213,8 +242,9 @@ def _chat(args):
             raise ConfigError(f"{model_dir} has no chat template: give --prompt-template")
         template = TOKENIZER_TEMPLATE
     torch.manual_seed(args.seed)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+    )
     where = model_dir + (f" + {args.adapter}" if args.adapter else "")
     return Chat(model, tokenizer, template, system=system, settings=settings), where
 
@@ -224,19 +254,29 @@ def cmd_chat(args) -> None:
 
     chat, where = _chat(args)
     interactive = sys.stdin.isatty()
-    print(f"{where}, template {getattr(chat.template, 'name', chat.template)}, "
-          f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature}'}; {COMMANDS}",
-          file=sys.stderr, flush=True)
-    repl(chat, terminal_reader(interactive), sys.stdout,
-         stream=interactive and sys.stdout.isatty() and not args.no_streaming)
+    print(
+        f"{where}, template {getattr(chat.template, 'name', chat.template)}, "
+        f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature}'}; {COMMANDS}",
+        file=sys.stderr,
+        flush=True,
+    )
+    repl(
+        chat,
+        terminal_reader(interactive),
+        sys.stdout,
+        stream=interactive and sys.stdout.isatty() and not args.no_streaming,
+    )
 
 
 def cmd_web(args) -> None:
     from .web import build_app, serve
 
     chat, where = _chat(args)
-    serve(build_app(chat.model, chat.tokenizer, chat.template, system=chat.system, settings=chat.settings,
-                    title=where), args.host, args.port)
+    serve(
+        build_app(chat.model, chat.tokenizer, chat.template, system=chat.system, settings=chat.settings, title=where),
+        args.host,
+        args.port,
+    )
 
 
 def cmd_list_cfg(args) -> None:
@@ -269,8 +309,9 @@ def cmd_check_custom_dataset(args) -> None:
     ok = True
     for source in sources:
         report = check_dataset(source, tokenizer, exp.train.template, exp.train.max_length)
-        print_report(report, sys.stdout, tokens_from=where, template=exp.train.template,
-                     max_length=exp.train.max_length)
+        print_report(
+            report, sys.stdout, tokens_from=where, template=exp.train.template, max_length=exp.train.max_length
+        )
         ok = ok and report.ok
     if not ok:
         raise SystemExit(1)
@@ -289,12 +330,23 @@ def cmd_log_dataset(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snaketune", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = argparse.ArgumentParser(
+        prog="snaketune",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     add = _subcommands(p.add_subparsers(dest="command", required=True))
-    for group in (_data_and_model_commands, _train_command, _export_commands, _evaluation_commands,
-                  _chat_commands, _preset_commands, _dataset_tool_commands, _replay_and_mix_commands):
+    for group in (
+        _data_and_model_commands,
+        _train_command,
+        _export_commands,
+        _evaluation_commands,
+        _chat_commands,
+        _preset_commands,
+        _dataset_tool_commands,
+        _replay_and_mix_commands,
+    ):
         group(add)
     return p
 
@@ -306,8 +358,13 @@ def _subcommands(sub):
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=fn, experiment=None)
         sp.add_argument("--config", default="config/config.yaml", help="the workflow config (default: %(default)s)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting: train.lr=1e-4 (of the experiment) or models.NAME.path=DIR")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a setting: train.lr=1e-4 (of the experiment) or models.NAME.path=DIR",
+        )
         sp.add_argument("--log", help="also append the log to this file")
         if experiment:
             sp.add_argument("experiment", nargs="?", help="experiment name (default: the first under run)")
@@ -333,24 +390,41 @@ def _train_command(add) -> None:
     sp.add_argument("--model", help=f"Hugging Face model directory (default: {HELP_PATHS.model_dir})")
     sp.add_argument("--data", help="dataset in XTuner's conversation format (default: the workflow's)")
     sp.add_argument("--work-dir", help=f"where iter_N.pth checkpoints go (default: {HELP_PATHS.work_dir})")
-    sp.add_argument("--summary", help="training summary, written when training has finished "
-                    f"(default: {HELP_PATHS.summary})")
+    sp.add_argument(
+        "--summary", help=f"training summary, written when training has finished (default: {HELP_PATHS.summary})"
+    )
     sp.add_argument("--metrics", help=f"copy of the per-step metrics (default: {HELP_PATHS.metrics})")
     sp.add_argument("--provenance", help=f"default: {HELP_PATHS.provenance}")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads in all (shared among ranks)")
-    sp.add_argument("--ranks", type=int, default=None,
-                    help="data-parallel processes (GPUs, or CPU ranks with gloo), started with torchrun "
-                         "(default: the experiment's ranks, else one per GPU)")
+    sp.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="data-parallel processes (GPUs, or CPU ranks with gloo), started with torchrun "
+        "(default: the experiment's ranks, else one per GPU)",
+    )
 
 
 def _export_commands(add) -> None:
-    sp = add("pth_to_hf", cmd_pth_to_hf, "convert a checkpoint to a PEFT adapter (xtuner convert pth_to_hf)",
-             experiment=False)
-    sp.add_argument("paths", nargs="*", metavar="[EXPERIMENT] [CHECKPOINT OUTPUT]",
-                    help="CHECKPOINT: iter_N.pth (DeepSpeed directory or .pth file) or a training summary JSON; "
-                         f"default: the experiment's final checkpoint and {HELP_PATHS.adapter}")
-    sp.add_argument("--lora", type=_yaml, default=None,
-                    help="for a checkpoint without a config: '{r: 64, alpha: 16, dropout: 0.1}' (YAML or @file)")
+    sp = add(
+        "pth_to_hf",
+        cmd_pth_to_hf,
+        "convert a checkpoint to a PEFT adapter (xtuner convert pth_to_hf)",
+        experiment=False,
+    )
+    sp.add_argument(
+        "paths",
+        nargs="*",
+        metavar="[EXPERIMENT] [CHECKPOINT OUTPUT]",
+        help="CHECKPOINT: iter_N.pth (DeepSpeed directory or .pth file) or a training summary JSON; "
+        f"default: the experiment's final checkpoint and {HELP_PATHS.adapter}",
+    )
+    sp.add_argument(
+        "--lora",
+        type=_yaml,
+        default=None,
+        help="for a checkpoint without a config: '{r: 64, alpha: 16, dropout: 0.1}' (YAML or @file)",
+    )
     sp.add_argument("--base-model", help="recorded as base_model_name_or_path (default: the experiment's model)")
     sp.add_argument("--fp32", action="store_true", help="save fp32 tensors (default fp16)")
     sp.add_argument("--max-shard-size", help="e.g. 2GB (default: the config's export.max_shard_size)")
@@ -376,19 +450,27 @@ def _evaluation_commands(add) -> None:
 def _chat_arguments(sp: argparse.ArgumentParser) -> None:
     from .templates import SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER_TEMPLATE
 
-    sp.add_argument("model", nargs="?", metavar="MODEL",
-                    help="a model directory (merged, or a base model with --adapter), or an experiment name: "
-                         f"its {HELP_PATHS.merged} with its template and SYSTEM (default: the first under run)")
+    sp.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a model directory (merged, or a base model with --adapter), or an experiment name: "
+        f"its {HELP_PATHS.merged} with its template and SYSTEM (default: the first under run)",
+    )
     sp.add_argument("--adapter", help="a PEFT adapter directory to put on MODEL (an experiment's: its base model)")
-    sp.add_argument("--prompt-template", choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
-                    help="default: the experiment's; for a directory, its tokenizer's chat template "
-                         "(a merged model's renders the training format)")
+    sp.add_argument(
+        "--prompt-template",
+        choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
+        help="default: the experiment's; for a directory, its tokenizer's chat template "
+        "(a merged model's renders the training format)",
+    )
     system = sp.add_mutually_exclusive_group()
     system.add_argument("--system", help="system prompt (default: the experiment's SYSTEM)")
     system.add_argument("--system-template", choices=sorted(SYSTEM_TEMPLATES), help="one of XTuner's system prompts")
     sp.add_argument("--max-new-tokens", type=int, default=512)
-    sp.add_argument("--temperature", type=float, default=0.0,
-                    help="0 (default): greedy, reproducible; XTuner samples at 0.1")
+    sp.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy, reproducible; XTuner samples at 0.1"
+    )
     sp.add_argument("--top-p", type=float, default=0.75, help="when sampling (default: %(default)s, XTuner's)")
     sp.add_argument("--top-k", type=int, default=40, help="when sampling (default: %(default)s, XTuner's)")
     sp.add_argument("--seed", type=int, default=0, help="torch seed, set once at start (default: %(default)s)")
@@ -397,8 +479,13 @@ def _chat_arguments(sp: argparse.ArgumentParser) -> None:
 
 
 def _chat_commands(add) -> None:
-    sp = add("chat", cmd_chat, "chat in the terminal (xtuner chat): multi-turn, streamed, in the training format; "
-             "reads prompts from stdin when it is not a terminal", experiment=False)
+    sp = add(
+        "chat",
+        cmd_chat,
+        "chat in the terminal (xtuner chat): multi-turn, streamed, in the training format; "
+        "reads prompts from stdin when it is not a terminal",
+        experiment=False,
+    )
     _chat_arguments(sp)
     sp.add_argument("--no-streaming", action="store_true", help="print each answer when it is complete")
 
@@ -412,8 +499,12 @@ def _preset_commands(add) -> None:
     sp = add("list-cfg", cmd_list_cfg, "list the presets in config/presets (xtuner list-cfg)", experiment=False)
     sp.add_argument("-p", "--pattern", help="only names containing this (case-insensitive)")
 
-    sp = add("copy-cfg", cmd_copy_cfg, "copy a preset to DIR/NAME.yaml, never overwriting (xtuner copy-cfg)",
-             experiment=False)
+    sp = add(
+        "copy-cfg",
+        cmd_copy_cfg,
+        "copy a preset to DIR/NAME.yaml, never overwriting (xtuner copy-cfg)",
+        experiment=False,
+    )
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("dir", metavar="DIR")
 
@@ -429,22 +520,36 @@ def _dataset_arguments(sp: argparse.ArgumentParser) -> None:
 def _dataset_tool_commands(add) -> None:
     from .datatools import SHOW
 
-    sp = add("check-custom-dataset", cmd_check_custom_dataset, "validate the experiment's dataset: every record, "
-             "token lengths, truncation, records with nothing to learn; exits 1 on bad data")
+    sp = add(
+        "check-custom-dataset",
+        cmd_check_custom_dataset,
+        "validate the experiment's dataset: every record, "
+        "token lengths, truncation, records with nothing to learn; exits 1 on bad data",
+    )
     _dataset_arguments(sp)
 
-    sp = add("log-dataset", cmd_log_dataset,
-             "print the first samples as training encodes them, supervised tokens marked ⟦like this⟧")
+    sp = add(
+        "log-dataset",
+        cmd_log_dataset,
+        "print the first samples as training encodes them, supervised tokens marked ⟦like this⟧",
+    )
     _dataset_arguments(sp)
     sp.add_argument("-n", type=int, default=1, help="how many samples (default: %(default)s)")
-    sp.add_argument("--show", choices=SHOW, default="masked_text",
-                    help="masked_text (default): the text, supervised tokens between ⟦ and ⟧; text; "
-                         "input_ids; labels; all")
+    sp.add_argument(
+        "--show",
+        choices=SHOW,
+        default="masked_text",
+        help="masked_text (default): the text, supervised tokens between ⟦ and ⟧; text; input_ids; labels; all",
+    )
 
 
 def _replay_and_mix_commands(add) -> None:
-    sp = add("replay-data", cmd_replay_data, "write the experiment's replay dataset(s): the model's own greedy "
-             "answers to the training part of a general question set")
+    sp = add(
+        "replay-data",
+        cmd_replay_data,
+        "write the experiment's replay dataset(s): the model's own greedy "
+        "answers to the training part of a general question set",
+    )
     sp.add_argument("--model", help=f"the model answering (default: {HELP_PATHS.model_dir} of the replay spec)")
     sp.add_argument("--output", help=f"default: {HELP_PATHS.replay_data}")
 

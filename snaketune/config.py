@@ -240,11 +240,15 @@ class Experiment:
     def provenance_record(self) -> dict[str, Any]:
         """What provenance.json records beside the train and model sections, which the train step
         has anyway (evaluation, export and merge settings do not make the model)."""
-        return {"experiment": self.name, "model": self.model_name,
-                "dataset": [part.name for part in self.mixture] if self.mixed else self.mixture[0].name,
-                "mixture": [asdict(part) for part in self.mixture],
-                "gpus": self.gpus, "ranks": self.ranks,
-                "dataset_entries": {name: asdict(entry) for name, entry in self.datasets.items()}}
+        return {
+            "experiment": self.name,
+            "model": self.model_name,
+            "dataset": [part.name for part in self.mixture] if self.mixed else self.mixture[0].name,
+            "mixture": [asdict(part) for part in self.mixture],
+            "gpus": self.gpus,
+            "ranks": self.ranks,
+            "dataset_entries": {name: asdict(entry) for name, entry in self.datasets.items()},
+        }
 
 
 # Keys of an experiment entry that are sections, and their types.
@@ -270,8 +274,11 @@ def from_dict(cls: type, data: Any, where: str):
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
-    missing = [f.name for f in known.values() if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in known.values()
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
     return cls(**kwargs)
@@ -286,8 +293,10 @@ def check(config: dict) -> None:
     for table in ("models", "datasets", "experiments"):
         for name in config.get(table, {}):
             if not NAME_RE.match(str(name)):
-                problems.append(f"{table}.{name}: a name may hold only letters, digits, '_', '.' and '-' "
-                                "(it becomes a directory name)")
+                problems.append(
+                    f"{table}.{name}: a name may hold only letters, digits, '_', '.' and '-' "
+                    "(it becomes a directory name)"
+                )
     for name in config.get("run", []):
         if name not in config["experiments"]:
             problems.append(f"run: experiment {name!r} is not defined under experiments")
@@ -333,11 +342,19 @@ def resolve(config: dict, name: str) -> Experiment:
     if "train" not in config["experiments"][name]:
         raise ConfigError(f"{where}: missing key train")
     rest = from_dict(_ExperimentRest, entry, where)
-    datasets = {part.name: from_dict(DatasetConfig, config["datasets"][part.name], f"datasets.{part.name}")
-                for part in mixture}
-    return Experiment(name=name, model_name=model_name,
-                      model=from_dict(ModelConfig, config["models"][model_name], f"models.{model_name}"),
-                      mixture=mixture, datasets=datasets, gpus=rest.gpus, ranks=rest.ranks, **sections)
+    datasets = {
+        part.name: from_dict(DatasetConfig, config["datasets"][part.name], f"datasets.{part.name}") for part in mixture
+    }
+    return Experiment(
+        name=name,
+        model_name=model_name,
+        model=from_dict(ModelConfig, config["models"][model_name], f"models.{model_name}"),
+        mixture=mixture,
+        datasets=datasets,
+        gpus=rest.gpus,
+        ranks=rest.ranks,
+        **sections,
+    )
 
 
 def mixture_of(value: Any, where: str) -> list[DatasetPart]:
@@ -469,8 +486,11 @@ class Layout:
 
     def dataset(self, step: str) -> str:
         """The file of a dataset made by ``step`` (generate_data, convert_data or replay_data)."""
-        return {"generate_data": self.generated_data, "convert_data": self.converted_data,
-                "replay_data": self.replay_data}[step]
+        return {
+            "generate_data": self.generated_data,
+            "convert_data": self.converted_data,
+            "replay_data": self.replay_data,
+        }[step]
 
     def report(self) -> list[str]:
         """The parts of ``snakemake --report``."""

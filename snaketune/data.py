@@ -42,8 +42,9 @@ def read_records(path: str | os.PathLike) -> list[Record]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(path, None, None, f"not UTF-8 text (byte {err.start}, line {line}: {err.reason})",
-                        "save the file as UTF-8") from None
+        raise DataError(
+            path, None, None, f"not UTF-8 text (byte {err.start}, line {line}: {err.reason})", "save the file as UTF-8"
+        ) from None
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -52,14 +53,24 @@ def read_records(path: str | os.PathLike) -> list[Record]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(path, len(records), None, f"line {lineno} is not valid JSON ({err.msg})",
-                                "write one JSON object per line") from None
+                raise DataError(
+                    path,
+                    len(records),
+                    None,
+                    f"line {lineno} is not valid JSON ({err.msg})",
+                    "write one JSON object per line",
+                ) from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(path, None, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
-                        "the file must hold a JSON list of records, or be a .jsonl file with one record per line") from None
+        raise DataError(
+            path,
+            None,
+            None,
+            f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+            "the file must hold a JSON list of records, or be a .jsonl file with one record per line",
+        ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -105,49 +116,79 @@ def _need_str(rec: dict, key: str, path, index: int, field: str, fix: str, *, op
 
 def _need_dict(rec: Any, path, index: int, field: str | None, what: str) -> dict:
     if not isinstance(rec, dict):
-        raise DataError(path, index, field, f"is a {type(rec).__name__}, not an object", f"make it a JSON object ({what})")
+        raise DataError(
+            path, index, field, f"is a {type(rec).__name__}, not an object", f"make it a JSON object ({what})"
+        )
     return rec
+
+
+def _validate_turn(turn: Any, t: int, n_turns: int, path, index: int) -> dict:
+    """One turn of a ``conversation``: string fields, boolean flags, and only the last one cut off."""
+    field = f"conversation[{t}]"
+    turn = _need_dict(turn, path, index, field, '{"input": ..., "output": ...}')
+    fix = "give every turn string 'input' and 'output' fields (and optionally 'system')"
+    clean = {
+        "system": _need_str(turn, "system", path, index, f"{field}.system", fix, optional=True),
+        "input": _need_str(turn, "input", path, index, f"{field}.input", fix),
+        "output": _need_str(turn, "output", path, index, f"{field}.output", fix),
+    }
+    for key in ("output_with_loss", "end_of_turn"):
+        if key in turn:
+            flag = turn[key]
+            if not isinstance(flag, bool):
+                raise DataError(path, index, f"{field}.{key}", f"is {flag!r}", "use true or false")
+            clean[key] = flag
+    if clean.get("end_of_turn") is False and t != n_turns - 1:
+        raise DataError(
+            path,
+            index,
+            f"{field}.end_of_turn",
+            "is false on a turn that another turn follows",
+            "only a conversation's last answer may be cut off",
+        )
+    return clean
 
 
 def validate_conversation(rec: Any, path, index: int) -> Record:
     """Check one XTuner ``conversation`` record; return it normalised."""
     rec = _need_dict(rec, path, index, None, '{"conversation": [...]}')
     if "conversation" not in rec:
-        raise DataError(path, index, "conversation", "missing",
-                        'each record needs "conversation": a list of {"input", "output"} turns '
-                        "(for alpaca, oasst1 or OpenAI files set the dataset's 'format')")
+        raise DataError(
+            path,
+            index,
+            "conversation",
+            "missing",
+            'each record needs "conversation": a list of {"input", "output"} turns '
+            "(for alpaca, oasst1 or OpenAI files set the dataset's 'format')",
+        )
     turns = rec["conversation"]
     if not isinstance(turns, list) or not turns:
-        raise DataError(path, index, "conversation", "must be a non-empty list of turns",
-                        'write [{"input": "...", "output": "..."}]')
-    out = []
-    for t, turn in enumerate(turns):
-        field = f"conversation[{t}]"
-        turn = _need_dict(turn, path, index, field, '{"input": ..., "output": ...}')
-        fix = "give every turn string 'input' and 'output' fields (and optionally 'system')"
-        clean = {
-            "system": _need_str(turn, "system", path, index, f"{field}.system", fix, optional=True),
-            "input": _need_str(turn, "input", path, index, f"{field}.input", fix),
-            "output": _need_str(turn, "output", path, index, f"{field}.output", fix),
-        }
-        for key in ("output_with_loss", "end_of_turn"):
-            if key in turn:
-                flag = turn[key]
-                if not isinstance(flag, bool):
-                    raise DataError(path, index, f"{field}.{key}", f"is {flag!r}", "use true or false")
-                clean[key] = flag
-        if clean.get("end_of_turn") is False and t != len(turns) - 1:
-            raise DataError(path, index, f"{field}.end_of_turn", "is false on a turn that another turn follows",
-                            "only a conversation's last answer may be cut off")
-        out.append(clean)
+        raise DataError(
+            path,
+            index,
+            "conversation",
+            "must be a non-empty list of turns",
+            'write [{"input": "...", "output": "..."}]',
+        )
+    out = [_validate_turn(turn, t, len(turns), path, index) for t, turn in enumerate(turns)]
     if not any(t.get("output_with_loss", True) for t in out):
-        raise DataError(path, index, "conversation", "no turn is trained on (all output_with_loss are false)",
-                        "drop the record or set output_with_loss true on one turn")
+        raise DataError(
+            path,
+            index,
+            "conversation",
+            "no turn is trained on (all output_with_loss are false)",
+            "drop the record or set output_with_loss true on one turn",
+        )
     if LOSS_KEY not in rec:
         return {"conversation": out}
     if rec[LOSS_KEY] not in LOSSES:
-        raise DataError(path, index, LOSS_KEY, f"is {rec[LOSS_KEY]!r}",
-                        'use "ce" (cross-entropy on the answers) or "kl" (distil the base model at the answers)')
+        raise DataError(
+            path,
+            index,
+            LOSS_KEY,
+            f"is {rec[LOSS_KEY]!r}",
+            'use "ce" (cross-entropy on the answers) or "kl" (distil the base model at the answers)',
+        )
     return {"conversation": out, LOSS_KEY: rec[LOSS_KEY]}
 
 
@@ -173,14 +214,16 @@ def from_alpaca(rec, path, index):
 
 def from_oasst1(rec, path, index):
     rec = _need_dict(rec, path, index, None, "an openassistant-guanaco record")
-    text = _need_str(rec, "text", path, index, "text", "oasst1 records need a 'text' field with '### Human: ... ### Assistant: ...'")
+    text = _need_str(
+        rec, "text", path, index, "text", "oasst1 records need a 'text' field with '### Human: ... ### Assistant: ...'"
+    )
     parts = []
     for sentence in text.strip().split("###"):
         sentence = sentence.strip()
         if sentence.startswith("Human:"):
-            parts.append(sentence[len("Human:"):].strip())
+            parts.append(sentence[len("Human:") :].strip())
         elif sentence.startswith("Assistant:"):
-            parts.append(sentence[len("Assistant:"):].strip())
+            parts.append(sentence[len("Assistant:") :].strip())
     if len(parts) % 2:
         parts.pop()  # a last human turn has no answer to learn from
     return [{"system": "", "input": parts[i], "output": parts[i + 1]} for i in range(0, len(parts), 2)]
@@ -190,8 +233,13 @@ def from_openai(rec, path, index):
     rec = _need_dict(rec, path, index, None, '{"messages": [...]}')
     messages = rec.get("messages")
     if not isinstance(messages, list):
-        raise DataError(path, index, "messages", "missing or not a list",
-                        'write "messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]')
+        raise DataError(
+            path,
+            index,
+            "messages",
+            "missing or not a list",
+            'write "messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]',
+        )
     i = 0
     while i < len(messages) and isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
         i += 1
@@ -236,8 +284,9 @@ def convert(records: Iterable[Any], fmt: str, path: str | os.PathLike) -> Iterat
             yield validate_conversation({"conversation": conversation}, path, index)
 
 
-def convert_file(source: str, fmt: str, out: str | os.PathLike, *, split: str = "train",
-                 revision: str | None = None) -> int:
+def convert_file(
+    source: str, fmt: str, out: str | os.PathLike, *, split: str = "train", revision: str | None = None
+) -> int:
     """Read ``source`` (a local file, else a hub dataset name), convert, write ``out``."""
     if Path(source).exists() or Path(source).suffix in {".json", ".jsonl"}:
         raw = read_records(source)
@@ -258,8 +307,16 @@ DEFAULT_QUESTIONS = {
 }
 
 
-def self_cognition(*, name: str, owner: str, answers: dict[str, str], questions: dict[str, list[str]] | None = None,
-                   copies: int = 1, system: str = "", seed: int = 0) -> list[Record]:
+def self_cognition(
+    *,
+    name: str,
+    owner: str,
+    answers: dict[str, str],
+    questions: dict[str, list[str]] | None = None,
+    copies: int = 1,
+    system: str = "",
+    seed: int = 0,
+) -> list[Record]:
     """The tutorial's "XXX的小助手" dataset: every question, ``copies`` times, shuffled.
 
     ``answers`` maps a language to an answer text that may use ``{name}`` and
@@ -286,8 +343,9 @@ GENERATORS: dict[str, Callable[..., list[Record]]] = {"self_cognition": self_cog
 # ---------------------------------------------------------------- replay (self-distillation)
 
 
-def replay_records(answers: Iterable[tuple[str, str, bool]], *, system: str = "",
-                   unfinished: str = "open") -> tuple[list[Record], dict[str, int]]:
+def replay_records(
+    answers: Iterable[tuple[str, str, bool]], *, system: str = "", unfinished: str = "open"
+) -> tuple[list[Record], dict[str, int]]:
     """Records from a model's own (question, answer, stopped) triples, and how many of each kind.
 
     An answer that ran into max_new_tokens is kept ``open`` (``end_of_turn:

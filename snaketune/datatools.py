@@ -21,8 +21,8 @@ from typing import TextIO
 
 from .config import Experiment, Layout, dataset_file
 from .data import CONVERTERS, GENERATORS, load_hub_dataset, read_records, validate_conversation
-from .errors import ConfigError, DataError
 from .encoding import IGNORE_INDEX, Encoded, encode_conversation
+from .errors import ConfigError, DataError
 
 PRESETS = Path(__file__).resolve().parents[1] / "config" / "presets"
 SUPERVISED = ("⟦", "⟧")  # how log-dataset marks the tokens the loss is computed on
@@ -80,11 +80,16 @@ def dataset_sources(exp: Experiment, data: str | None = None, fmt: str | None = 
         if (ds.generated or ds.hub and not ds.path) and Path(made).is_file():
             sources.append(Source(made, "xtuner", read_records(made)))
         elif ds.generator in GENERATORS:
-            sources.append(Source(f"datasets.{part.name} ({ds.generator})", "xtuner",
-                                  GENERATORS[ds.generator](**(ds.spec or {}))))
+            sources.append(
+                Source(f"datasets.{part.name} ({ds.generator})", "xtuner", GENERATORS[ds.generator](**(ds.spec or {})))
+            )
         elif ds.generated:
-            log.warning("datasets.%s: %s is not made yet (run `snaketune %s`); not checked",
-                        part.name, made, ds.step.replace("_", "-"))
+            log.warning(
+                "datasets.%s: %s is not made yet (run `snaketune %s`); not checked",
+                part.name,
+                made,
+                ds.step.replace("_", "-"),
+            )
         elif ds.path:
             sources.append(Source(ds.path, ds.format, read_records(ds.path)))
         else:
@@ -101,8 +106,11 @@ def conversations(source: Source) -> Iterator[tuple[int, list[dict] | None, Data
     for index, rec in enumerate(source.records):
         try:
             turns = convert(rec, source.name, index)
-            yield index, (validate_conversation({"conversation": turns}, source.name, index)["conversation"]
-                          if turns else None), None
+            yield (
+                index,
+                (validate_conversation({"conversation": turns}, source.name, index)["conversation"] if turns else None),
+                None,
+            )
         except DataError as err:
             yield index, None, err
 
@@ -171,11 +179,14 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
     return lines
 
 
-def print_report(report: DatasetReport, out: TextIO, *, tokens_from: str | None, template: str, max_length: int,
-                 max_errors: int = 20) -> None:
+def print_report(
+    report: DatasetReport, out: TextIO, *, tokens_from: str | None, template: str, max_length: int, max_errors: int = 20
+) -> None:
     p = functools.partial(print, file=out)
-    p(f"{report.source}: {report.records} records, {report.valid} valid, {len(report.errors)} invalid"
-      + (f", {report.dropped_by_format} dropped by the format's map function" if report.dropped_by_format else ""))
+    p(
+        f"{report.source}: {report.records} records, {report.valid} valid, {len(report.errors)} invalid"
+        + (f", {report.dropped_by_format} dropped by the format's map function" if report.dropped_by_format else "")
+    )
     for err in report.errors[:max_errors]:
         p(f"  INVALID {err}")
     if len(report.errors) > max_errors:
@@ -184,14 +195,18 @@ def print_report(report: DatasetReport, out: TextIO, *, tokens_from: str | None,
         p("token lengths: skipped, the model is not fetched yet (run `snaketune fetch-model`, or give --model DIR)")
     elif report.lengths:
         n, lengths = len(report.lengths), report.lengths
-        p(f"token lengths (tokenizer {tokens_from}, template {template}):"
-          f" min {min(lengths)}, median {statistics.median(lengths):g}, mean {statistics.mean(lengths):.1f},"
-          f" max {max(lengths)}")
+        p(
+            f"token lengths (tokenizer {tokens_from}, template {template}):"
+            f" min {min(lengths)}, median {statistics.median(lengths):g}, mean {statistics.mean(lengths):.1f},"
+            f" max {max(lengths)}"
+        )
         for line in histogram(lengths):
             p(f"  {line}")
         p(f"{report.truncated} of {n} records are longer than max_length {max_length} and would be truncated")
-        p(f"{report.nothing_to_learn} of {n} records have nothing to learn (no supervised token within "
-          f"max_length {max_length}); training drops them")
+        p(
+            f"{report.nothing_to_learn} of {n} records have nothing to learn (no supervised token within "
+            f"max_length {max_length}); training drops them"
+        )
     p("OK" if report.ok else "BAD DATA: fix the records above" if report.errors else "BAD DATA: nothing to train on")
 
 
@@ -212,8 +227,9 @@ def marked_text(enc: Encoded, tokenizer) -> str:
     return "".join(out)
 
 
-def log_samples(sources: list[Source], tokenizer, template: str, max_length: int, n: int, show: str,
-                out: TextIO) -> int:
+def log_samples(
+    sources: list[Source], tokenizer, template: str, max_length: int, n: int, show: str, out: TextIO
+) -> int:
     """Print the first ``n`` valid records as training encodes them; returns how many were printed."""
     if show not in SHOW:
         raise ConfigError(f"--show {show!r}: choose one of {', '.join(SHOW)}")
@@ -229,9 +245,12 @@ def log_samples(sources: list[Source], tokenizer, template: str, max_length: int
             enc = encode_conversation(turns, tokenizer, template, max_length)
             cut = f", {enc.truncated} cut off at max_length {max_length}" if enc.truncated else ""
             print(f"{'#' * 20} {source.name}, record {index} ({len(enc.input_ids)} tokens{cut}) {'#' * 20}", file=out)
-            views = {"text": tokenizer.decode(enc.input_ids, skip_special_tokens=False),
-                     "masked_text": marked_text(enc, tokenizer), "input_ids": str(enc.input_ids),
-                     "labels": str(enc.labels)}
+            views = {
+                "text": tokenizer.decode(enc.input_ids, skip_special_tokens=False),
+                "masked_text": marked_text(enc, tokenizer),
+                "input_ids": str(enc.input_ids),
+                "labels": str(enc.labels),
+            }
             for name, view in views.items():
                 if show in (name, "all"):
                     print(f"{'-' * 8} {name} {'-' * 8}", file=out)

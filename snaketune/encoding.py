@@ -54,11 +54,13 @@ def _segments_from_template(conversation: list[dict], template: PromptTemplate) 
     """(input_text, output_text, output_with_loss) per turn, with XTuner's template_map_fn."""
     turns = []
     for i, turn in enumerate(conversation):
-        turns.append((
-            template.format_input(turn.get("input", ""), turn.get("system") or None, round=i + 1),
-            template.format_output(turn.get("output", "")) if ends(turn) else turn.get("output", ""),
-            turn.get("output_with_loss", True),
-        ))
+        turns.append(
+            (
+                template.format_input(turn.get("input", ""), turn.get("system") or None, round=i + 1),
+                template.format_output(turn.get("output", "")) if ends(turn) else turn.get("output", ""),
+                turn.get("output_with_loss", True),
+            )
+        )
     return turns
 
 
@@ -80,16 +82,19 @@ def _segments_from_chat_template(conversation: list[dict], tokenizer) -> list[tu
         messages.append({"role": "assistant", "content": turn.get("output", "")})
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            raise ValueError("the tokenizer's chat template does not render conversations incrementally; "
-                             "choose one of the named templates instead")
-        output = full[len(prompt):] if ends(turn) else turn.get("output", "")
-        turns.append((prompt[len(rendered):], output, turn.get("output_with_loss", True)))
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations incrementally; "
+                "choose one of the named templates instead"
+            )
+        output = full[len(prompt) :] if ends(turn) else turn.get("output", "")
+        turns.append((prompt[len(rendered) :], output, turn.get("output_with_loss", True)))
         rendered = full
     return turns
 
 
-def encode_conversation(conversation: list[dict], tokenizer, template: PromptTemplate | str,
-                        max_length: int) -> Encoded:
+def encode_conversation(
+    conversation: list[dict], tokenizer, template: PromptTemplate | str, max_length: int
+) -> Encoded:
     template = resolve_template(template)
     if template == TOKENIZER_TEMPLATE:
         # The chat template writes its own special tokens; its end-of-turn is

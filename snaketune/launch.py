@@ -47,16 +47,30 @@ def inside_launcher() -> bool:
 def ensure_dist_env() -> None:
     """A lone process gets the rendezvous variables DeepSpeed would otherwise look for through MPI."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
 
 
 def torchrun_command(ranks: int, job: dict[str, Any], *, master_port: int | None = None) -> list[str]:
     """One node, ``ranks`` processes of ``python -m snaketune.rank_main JOB`` (JOB: the train step's
     job, ``asdict`` of it, as JSON)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
-            "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
-            "-m", RANK_MODULE, json.dumps(job)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(master_port or free_port()),
+        "-m",
+        RANK_MODULE,
+        json.dumps(job),
+    ]
 
 
 def find_tcmalloc() -> str | None:
@@ -91,20 +105,24 @@ def allocator_env(setting: str) -> dict[str, str] | None:
     lib = find_tcmalloc()
     if lib is None:
         if setting == "tcmalloc":
-            raise ConfigError(f"train.allocator: tcmalloc, but {TCMALLOC} is not installed (conda: gperftools, "
-                              "envs/train.yaml has it; Debian/Ubuntu: apt install libtcmalloc-minimal4)")
+            raise ConfigError(
+                f"train.allocator: tcmalloc, but {TCMALLOC} is not installed (conda: gperftools, "
+                "envs/train.yaml has it; Debian/Ubuntu: apt install libtcmalloc-minimal4)"
+            )
         log.info("allocator: glibc malloc (%s not installed; train.allocator auto)", TCMALLOC)
         return None
     preload = os.environ.get("LD_PRELOAD", "")
     if lib in preload.replace(":", " ").split():
         log.warning("allocator: LD_PRELOAD names %s but it did not load; training on %s", lib, malloc_in_use())
         return None
-    return {# a training's memory stays in use to its end: handing freed pages back to the system only to
-            # fault them in again at the next step costs CPU time and saves no peak memory
-            "TCMALLOC_RELEASE_RATE": "0",
-            **os.environ, "LD_PRELOAD": " ".join(p for p in (lib, preload) if p),
-            # tcmalloc reports every allocation over 1 GiB on stderr (a 7B model's load makes many)
-            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+    return {  # a training's memory stays in use to its end: handing freed pages back to the system only to
+        # fault them in again at the next step costs CPU time and saves no peak memory
+        "TCMALLOC_RELEASE_RATE": "0",
+        **os.environ,
+        "LD_PRELOAD": " ".join(p for p in (lib, preload) if p),
+        # tcmalloc reports every allocation over 1 GiB on stderr (a 7B model's load makes many)
+        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40),
+    }
 
 
 def relaunch(ranks: int, job: dict[str, Any], env: dict[str, str] | None = None) -> NoReturn:

@@ -24,7 +24,9 @@ def checkpoint_model_file(ckpt: Path) -> Path:
     if ckpt.is_dir():
         f = ckpt / "mp_rank_00_model_states.pt"
         if not f.is_file():
-            raise FileNotFoundError(f"{ckpt} is a directory without mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+            raise FileNotFoundError(
+                f"{ckpt} is a directory without mp_rank_00_model_states.pt: not a DeepSpeed checkpoint"
+            )
         return f
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
@@ -43,8 +45,10 @@ def read_zero_fp32_state(ckpt: Path) -> dict[str, Any]:
     """
     import torch
 
-    files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    files = sorted(
+        ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+        key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)),
+    )
     if not files:
         raise FileNotFoundError(f"{ckpt}: no zero_pp_rank_*_mp_rank_00_optim_states.pt files")
     parts = [load_checkpoint(f)["optimizer_state_dict"] for f in files]

@@ -14,8 +14,10 @@ def head_logits(model, ids, position_ids, positions):
         return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
     logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=positions).logits
     if logits.shape[:2] != (ids.shape[0], len(positions)):
-        raise RuntimeError(f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
-                           f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)")
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__}: logits_to_keep=<{len(positions)} positions> gave "
+            f"logits of shape {tuple(logits.shape)}, not ({ids.shape[0]}, {len(positions)}, vocab)"
+        )
     return logits
 
 
@@ -66,8 +68,10 @@ def token_loss_sum(model, ids, labels, position_ids, kl=None):
     log_base = F.log_softmax(base[distil].float(), -1)
     # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
     # keeps the model from saying what the base model would not (a new name in a general answer)
-    return (F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
-            + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum())
+    return (
+        F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
+        + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum()
+    )
 
 
 def unwrap(model):

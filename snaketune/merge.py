@@ -12,8 +12,15 @@ from .files import atomic_dir
 log = logging.getLogger(__name__)
 
 
-def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, template: str,
-          merge: MergeConfig, *, trust_remote_code: bool = False) -> None:
+def merge(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    template: str,
+    merge: MergeConfig,
+    *,
+    trust_remote_code: bool = False,
+) -> None:
     """``xtuner convert merge``: base + adapter -> one model that plain transformers loads.
 
     Runs on the CPU (XTuner's default ``--device cuda`` runs out of memory on
@@ -30,8 +37,10 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str 
     check_finite(model.state_dict().items(), f"merging {adapter_dir} into {base_dir}")
     tmpl = resolve_template(template)
     if tmpl != TOKENIZER_TEMPLATE:
-        uses_bos = encode_prompt("x", tokenizer, tmpl)[0] != tokenizer.encode(
-            tmpl.format_input("x"), add_special_tokens=False)[0]
+        uses_bos = (
+            encode_prompt("x", tokenizer, tmpl)[0]
+            != tokenizer.encode(tmpl.format_input("x"), add_special_tokens=False)[0]
+        )
         tokenizer.chat_template = tmpl.chat_template(bos=uses_bos)
     stops = stop_token_ids(tokenizer, tmpl)
     model.generation_config.eos_token_id = stops

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 # An accepted answer that starts or ends with an ASCII letter or digit must not continue a word or
@@ -35,7 +35,7 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern(accepted: str) -> re.Pattern:
     word = normalise(accepted)
     if not word:
@@ -81,8 +81,14 @@ def retention(base_correct: list[bool | None], finetuned_correct: list[bool | No
     keyed = [(b, f) for b, f in zip(base_correct, finetuned_correct, strict=True) if b is not None]
     of = sum(b for b, _ in keyed)
     kept = sum(b and f for b, f in keyed)
-    return {"finetuned": kept / of if of else None, "kept": kept, "of": of, "keyed": len(keyed),
-            "base_accuracy": share(b for b, _ in keyed), "finetuned_accuracy": share(f for _, f in keyed)}
+    return {
+        "finetuned": kept / of if of else None,
+        "kept": kept,
+        "of": of,
+        "keyed": len(keyed),
+        "base_accuracy": share(b for b, _ in keyed),
+        "finetuned_accuracy": share(f for _, f in keyed),
+    }
 
 
 def mean_nll(nlls: list[tuple[float, int]]) -> float | None:
@@ -95,8 +101,12 @@ def drift(base: list[tuple[float, int]], finetuned: list[tuple[float, int]]) -> 
     """Mean per-token NLL of the same answers under the base and the fine-tuned model, and the
     difference (positive: the fine-tuned model finds the base model's answers less likely)."""
     b, f = mean_nll(base), mean_nll(finetuned)
-    return {"base": b, "finetuned": f, "drift": None if b is None or f is None else f - b,
-            "tokens": sum(n for _, n in base)}
+    return {
+        "base": b,
+        "finetuned": f,
+        "drift": None if b is None or f is None else f - b,
+        "tokens": sum(n for _, n in base),
+    }
 
 
 def summarize(identity_rows: list[dict], general_rows: list[dict]) -> dict[str, Any]:
@@ -105,26 +115,35 @@ def summarize(identity_rows: list[dict], general_rows: list[dict]) -> dict[str, 
     heldout = [r for r in identity_rows if not r["in_training_data"]]
 
     def rates(rows: list[dict], key: str) -> dict[str, Any]:
-        return {"base": share(r[f"base_{key}"] for r in rows), "finetuned": share(r[f"finetuned_{key}"] for r in rows),
-                "n": len(rows)}
+        return {
+            "base": share(r[f"base_{key}"] for r in rows),
+            "finetuned": share(r[f"finetuned_{key}"] for r in rows),
+            "n": len(rows),
+        }
 
     return {
         "identity_trained": rates(trained, "claims_identity"),
         "identity_heldout": rates(heldout, "claims_identity"),
         "leakage": rates(general_rows, "claims_identity"),
-        "retention": retention([r["base_correct"] for r in general_rows], [r["finetuned_correct"] for r in general_rows]),
-        "nll": drift([(r["base_nll"], r["answer_tokens"]) for r in general_rows],
-                     [(r["finetuned_nll"], r["answer_tokens"]) for r in general_rows]),
+        "retention": retention(
+            [r["base_correct"] for r in general_rows], [r["finetuned_correct"] for r in general_rows]
+        ),
+        "nll": drift(
+            [(r["base_nll"], r["answer_tokens"]) for r in general_rows],
+            [(r["finetuned_nll"], r["answer_tokens"]) for r in general_rows],
+        ),
     }
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float | None]:
     """The fine-tuned model's figure of each metric, by the name thresholds use."""
-    return {"identity_trained": summary["identity_trained"]["finetuned"],
-            "identity_heldout": summary["identity_heldout"]["finetuned"],
-            "leakage": summary["leakage"]["finetuned"],
-            "retention": summary["retention"]["finetuned"],
-            "nll_drift": summary["nll"]["drift"]}
+    return {
+        "identity_trained": summary["identity_trained"]["finetuned"],
+        "identity_heldout": summary["identity_heldout"]["finetuned"],
+        "leakage": summary["leakage"]["finetuned"],
+        "retention": summary["retention"]["finetuned"],
+        "nll_drift": summary["nll"]["drift"],
+    }
 
 
 @dataclass(frozen=True)
@@ -134,11 +153,13 @@ class Threshold:
     at_least: bool  # a minimum (True) or a maximum
 
 
-THRESHOLDS = (Threshold("min_identity_trained", "identity_trained", True),
-              Threshold("min_identity_heldout", "identity_heldout", True),
-              Threshold("max_leakage", "leakage", False),
-              Threshold("min_retention", "retention", True),
-              Threshold("max_nll_drift", "nll_drift", False))
+THRESHOLDS = (
+    Threshold("min_identity_trained", "identity_trained", True),
+    Threshold("min_identity_heldout", "identity_heldout", True),
+    Threshold("max_leakage", "leakage", False),
+    Threshold("min_retention", "retention", True),
+    Threshold("max_nll_drift", "nll_drift", False),
+)
 
 
 def check_thresholds(values: dict[str, float | None], bounds: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -159,8 +180,19 @@ def check_thresholds(values: dict[str, float | None], bounds: dict[str, float | 
         elif value is None:
             message = f"{t.metric} could not be measured (nothing to measure it on), threshold {t.setting} = {bound:g}"
         else:
-            message = (f"{t.metric} = {value:.4g} is {'below' if t.at_least else 'above'} "
-                       f"the threshold {t.setting} = {bound:g}")
-        results.append({"metric": t.metric, "value": value, "setting": t.setting, "threshold": bound,
-                        "op": ">=" if t.at_least else "<=", "passed": passed, "message": message})
+            message = (
+                f"{t.metric} = {value:.4g} is {'below' if t.at_least else 'above'} "
+                f"the threshold {t.setting} = {bound:g}"
+            )
+        results.append(
+            {
+                "metric": t.metric,
+                "value": value,
+                "setting": t.setting,
+                "threshold": bound,
+                "op": ">=" if t.at_least else "<=",
+                "passed": passed,
+                "message": message,
+            }
+        )
     return results

@@ -40,7 +40,8 @@ def check_remote_code(model_dir: str | os.PathLike, trust_remote_code: bool) -> 
         raise ConfigError(
             f"{path}: model_type {model_type!r} is defined only by Python files in the model's repository "
             "(config.json's auto_map), and snaketune runs no such code unless told to: set "
-            "`trust_remote_code: true` on this model's entry under `models:` if you trust its authors")
+            "`trust_remote_code: true` on this model's entry under `models:` if you trust its authors"
+        )
 
 
 def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False):
@@ -57,13 +58,24 @@ def nf4_config(compute_dtype):
     """QLoRA's quantization: 4-bit NF4 with double quantization, computing in ``compute_dtype``."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_threshold=6.0)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_threshold=6.0,
+    )
 
 
-def load_for_training(model_dir: str | os.PathLike, lora: LoraConfig, *, quantization: str = "nf4",
-                      trust_remote_code: bool = False, gradient_checkpointing: bool = True,
-                      device: str | None = None):
+def load_for_training(
+    model_dir: str | os.PathLike,
+    lora: LoraConfig,
+    *,
+    quantization: str = "nf4",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = True,
+    device: str | None = None,
+):
     """Base model in 4-bit NF4 (double quantization) with trainable LoRA adapters on all linear layers."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -152,8 +164,9 @@ def keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False, *,
-              quantization: str = "none"):
+def load_base(
+    model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False, *, quantization: str = "none"
+):
     """The base model for inference: unquantised on the CPU (merge and evaluation), or ``nf4`` as
     QLoRA training loads it (4-bit NF4, double quantization; on the GPU when there is one)."""
     import torch

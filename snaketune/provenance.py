@@ -13,8 +13,18 @@ from typing import Any
 
 from .files import write_json
 
-PACKAGES = ("snaketune", "torch", "transformers", "peft", "bitsandbytes", "deepspeed", "datasets", "accelerate",
-            "safetensors", "snakemake")
+PACKAGES = (
+    "snaketune",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "deepspeed",
+    "datasets",
+    "accelerate",
+    "safetensors",
+    "snakemake",
+)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,8 +79,18 @@ def git_commit(directory: str | Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
-def write(path: str | Path, *, config: dict, data_file: str | Path, model_dir: str | Path, workflow_dir: str | Path,
-          seed: int, world_size: int, runs: list[dict], device: str) -> dict:
+def write(
+    path: str | Path,
+    *,
+    config: dict,
+    data_file: str | Path,
+    model_dir: str | Path,
+    workflow_dir: str | Path,
+    seed: int,
+    world_size: int,
+    runs: list[dict],
+    device: str,
+) -> dict:
     record = {
         "config": config,
         "data": {"path": str(data_file), "sha256": sha256_file(data_file)},

@@ -53,8 +53,13 @@ def training_curves(metrics_jsonl: str | os.PathLike, out_svg: str | os.PathLike
     plt.close(fig)
 
 
-def evaluation_page(evaluation_jsonl: str | os.PathLike, summary_json: str | os.PathLike,
-                    out_html: str | os.PathLike, *, title: str = "") -> None:
+def evaluation_page(
+    evaluation_jsonl: str | os.PathLike,
+    summary_json: str | os.PathLike,
+    out_html: str | os.PathLike,
+    *,
+    title: str = "",
+) -> None:
     """The metrics (identity, leakage, retention, drift; thresholds), then the answers side by side:
     identity prompts, then general questions with whether each answer is correct."""
     from .evaluate import METRIC_COLUMNS, metrics_rows
@@ -62,13 +67,37 @@ def evaluation_page(evaluation_jsonl: str | os.PathLike, summary_json: str | os.
     summary = json.loads(Path(summary_json).read_text())
     body = pd.DataFrame(metrics_rows(summary), columns=list(METRIC_COLUMNS)).to_html(index=False)
     df = pd.read_json(evaluation_jsonl, lines=True)
-    sections = (("identity", "Identity prompts", ("prompt", "in_training_data", "base", "finetuned",
-                                                  "base_claims_identity", "finetuned_claims_identity",
-                                                  "finetuned_stopped")),
-                ("general", "General questions (evaluation-only)", ("prompt", "accepted", "base", "base_correct",
-                                                                    "finetuned", "finetuned_correct",
-                                                                    "finetuned_claims_identity", "base_nll",
-                                                                    "finetuned_nll", "answer_tokens")))
+    sections = (
+        (
+            "identity",
+            "Identity prompts",
+            (
+                "prompt",
+                "in_training_data",
+                "base",
+                "finetuned",
+                "base_claims_identity",
+                "finetuned_claims_identity",
+                "finetuned_stopped",
+            ),
+        ),
+        (
+            "general",
+            "General questions (evaluation-only)",
+            (
+                "prompt",
+                "accepted",
+                "base",
+                "base_correct",
+                "finetuned",
+                "finetuned_correct",
+                "finetuned_claims_identity",
+                "base_nll",
+                "finetuned_nll",
+                "answer_tokens",
+            ),
+        ),
+    )
     for name, heading, wanted in sections:
         part = df[df["set"] == name]
         if len(part):
@@ -82,8 +111,12 @@ def provenance_page(provenance_json: str | os.PathLike, out_html: str | os.PathL
     record = json.loads(Path(provenance_json).read_text())
     flat = pd.json_normalize(record, sep=".").T.reset_index()
     flat.columns = ["key", "value"]
-    body = flat.to_html(index=False) + "<h3>provenance.json</h3><pre>" + html.escape(
-        json.dumps(record, indent=1, ensure_ascii=False)) + "</pre>"
+    body = (
+        flat.to_html(index=False)
+        + "<h3>provenance.json</h3><pre>"
+        + html.escape(json.dumps(record, indent=1, ensure_ascii=False))
+        + "</pre>"
+    )
     _page(title or "provenance", body, out_html)
 
 

@@ -31,9 +31,11 @@ from .errors import CheckpointError, UnsafeCheckpoint
 PLACEHOLDER_MODULES = ("mmengine.", "deepspeed.")
 
 # What DeepSpeed pickles beside tensors into a ZeRO-2 optimizer state: plain-data classes.
-DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 
 def safe_load(path: str | os.PathLike, map_location=None):
@@ -47,8 +49,9 @@ def safe_load(path: str | os.PathLike, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeCheckpoint(f"{path}: refused to load: it holds more than tensors and plain data ({first})") \
-            from None
+        raise UnsafeCheckpoint(
+            f"{path}: refused to load: it holds more than tensors and plain data ({first})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
 
@@ -103,13 +106,19 @@ def _allowed(module: str, name: str) -> Any:
         return getattr(__import__("builtins"), name)
     if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles carry numpy's raw bytes
         return _latin1_encode
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter",
-                                             "_rebuild_parameter_with_state"):
+    if module == "torch._utils" and name in (
+        "_rebuild_tensor_v2",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    ):
         return getattr(torch._utils, name)
     if module == "torch":
         obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype) or (isinstance(obj, type) and name.endswith("Storage")) or name in (
-                "Size", "device"):
+        if (
+            isinstance(obj, torch.dtype)
+            or (isinstance(obj, type) and name.endswith("Storage"))
+            or name in ("Size", "device")
+        ):
             return obj
     if module in ("numpy._core.multiarray", "numpy.core.multiarray") and name in ("_reconstruct", "scalar"):
         return numpy._core.multiarray._reconstruct if name == "_reconstruct" else numpy._core.multiarray.scalar
@@ -128,8 +137,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 # torch.load(pickle_module=...) wants a module with Unpickler and load.
-restricted = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
-                                   __name__="snaketune.safe_pickle.restricted")
+restricted = types.SimpleNamespace(
+    Unpickler=RestrictedUnpickler,
+    load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
+    __name__="snaketune.safe_pickle.restricted",
+)
 
 
 def load_checkpoint(path) -> Any:

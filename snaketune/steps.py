@@ -17,8 +17,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import (DatasetConfig, EvaluationConfig, ExportConfig, LoraConfig, MergeConfig, ModelConfig,
-                     Section, TrainConfig)
+from .config import (
+    DatasetConfig,
+    EvaluationConfig,
+    ExportConfig,
+    LoraConfig,
+    MergeConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+)
 from .files import write_json
 
 log = logging.getLogger("snaketune")
@@ -41,8 +49,9 @@ def convert_data(dataset: DatasetConfig, output: PathLike) -> None:
     log.info("converted %d records from %s (%s) to %s", n, dataset.source, dataset.format, output)
 
 
-def replay_data(dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *,
-                trust_remote_code: bool = False) -> None:
+def replay_data(
+    dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *, trust_remote_code: bool = False
+) -> None:
     """The ``replay`` generator: the model's own greedy answers to the training part of a question
     set (self-distillation). Evaluation-only questions are never asked here."""
     from . import evalsets
@@ -54,20 +63,40 @@ def replay_data(dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *
     spec = ReplaySpec.from_dict(dataset.spec, "spec")
     questions = evalsets.load(spec.questions, split="train")
     if not questions:
-        raise DataError(evalsets.path_of(spec.questions), None, "split", "no question of split train",
-                        'mark the questions that may become training data with "split": "train"')
+        raise DataError(
+            evalsets.path_of(spec.questions),
+            None,
+            "split",
+            "no question of split train",
+            'mark the questions that may become training data with "split": "train"',
+        )
     model = load_base(model_dir, "float32", trust_remote_code, quantization=spec.quantization)
-    answers = generate_answers(model, load_tokenizer(model_dir, trust_remote_code), spec.template,
-                               [q.question for q in questions], system=spec.system,
-                               max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
-    records, counts = replay_records(((a.prompt, a.answer, a.stopped) for a in answers), system=spec.system,
-                                     unfinished=spec.unfinished)
+    answers = generate_answers(
+        model,
+        load_tokenizer(model_dir, trust_remote_code),
+        spec.template,
+        [q.question for q in questions],
+        system=spec.system,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+    )
+    records, counts = replay_records(
+        ((a.prompt, a.answer, a.stopped) for a in answers), system=spec.system, unfinished=spec.unfinished
+    )
     if not records:
-        raise DataError(output, None, None, f"no usable answer ({counts})",
-                        "raise max_new_tokens or set unfinished: open")
+        raise DataError(
+            output, None, None, f"no usable answer ({counts})", "raise max_new_tokens or set unfinished: open"
+        )
     write_records(records, output)
-    log.info("wrote %d replay records (%s) from %s's answers to %d questions of %s to %s", len(records), counts,
-             model_dir, len(questions), spec.questions, output)
+    log.info(
+        "wrote %d replay records (%s) from %s's answers to %d questions of %s to %s",
+        len(records),
+        counts,
+        model_dir,
+        len(questions),
+        spec.questions,
+        output,
+    )
 
 
 def mix_data(parts: list[dict], output: PathLike, sources: PathLike, *, seed: int = 0) -> None:
@@ -91,8 +120,15 @@ def mix_data(parts: list[dict], output: PathLike, sources: PathLike, *, seed: in
     log.info("wrote %d mixed records to %s", len(records), output)
 
 
-def check_data(files: list[PathLike], model_dir: PathLike, output: PathLike, *, template: str, max_length: int,
-               trust_remote_code: bool = False) -> None:
+def check_data(
+    files: list[PathLike],
+    model_dir: PathLike,
+    output: PathLike,
+    *,
+    template: str,
+    max_length: int,
+    trust_remote_code: bool = False,
+) -> None:
     """``check-custom-dataset`` on an experiment's dataset files before training: every record valid, token
     lengths under ``template`` and ``max_length``. Writes the report; raises on bad data (nothing written)."""
     import io
@@ -108,9 +144,17 @@ def check_data(files: list[PathLike], model_dir: PathLike, output: PathLike, *, 
         report = check_dataset(Source(str(file), "xtuner", read_records(file)), tokenizer, template, max_length)
         print_report(report, text, tokens_from=str(model_dir), template=template, max_length=max_length)
         if not report.ok and failure is None:
-            failure = report.errors[0] if report.errors else DataError(
-                file, None, None, f"no record has a supervised token within max_length {max_length}",
-                "raise train.max_length, or shorten the records' inputs")
+            failure = (
+                report.errors[0]
+                if report.errors
+                else DataError(
+                    file,
+                    None,
+                    None,
+                    f"no record has a supervised token within max_length {max_length}",
+                    "raise train.max_length, or shorten the records' inputs",
+                )
+            )
     for line in text.getvalue().splitlines():
         log.info("%s", line)
     if failure is not None:
@@ -147,8 +191,17 @@ class TrainJob(Section):
 
     def __post_init__(self) -> None:
         # plain strings, whatever path type the caller had, so that the job is JSON as it is
-        for name in ("model_dir", "data_file", "work_dir", "summary", "metrics", "provenance", "mixture_sources",
-                     "workflow_dir", "log_file"):
+        for name in (
+            "model_dir",
+            "data_file",
+            "work_dir",
+            "summary",
+            "metrics",
+            "provenance",
+            "mixture_sources",
+            "workflow_dir",
+            "log_file",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
@@ -173,8 +226,14 @@ def train(job: TrainJob) -> None:
     env = None if inside_launcher() else allocator_env(job.train.allocator)
     if (job.ranks > 1 or env) and not inside_launcher():
         relaunch(job.ranks, asdict(job.per_rank()), env)
-    training_summary = run(job.model_dir, job.data_file, job.work_dir, job.train, threads=job.threads,
-                           trust_remote_code=job.model.trust_remote_code)
+    training_summary = run(
+        job.model_dir,
+        job.data_file,
+        job.work_dir,
+        job.train,
+        threads=job.threads,
+        trust_remote_code=job.model.trust_remote_code,
+    )
     if training_summary is None:  # not rank 0
         return
     _write_results(job, training_summary)
@@ -192,10 +251,17 @@ def _write_results(job: TrainJob, training_summary: dict) -> None:
         record = dict(job.record or {})
         if job.mixture_sources:
             record["mixture_sources"] = json.loads(Path(job.mixture_sources).read_text())
-        prov.write(job.provenance, config={**record, "train": asdict(job.train), "model_entry": asdict(job.model)},
-                   data_file=job.data_file, model_dir=job.model_dir, workflow_dir=job.workflow_dir,
-                   seed=job.train.seed, world_size=training_summary["world_size"], runs=training_summary["runs"],
-                   device=training_summary["device"])
+        prov.write(
+            job.provenance,
+            config={**record, "train": asdict(job.train), "model_entry": asdict(job.model)},
+            data_file=job.data_file,
+            model_dir=job.model_dir,
+            workflow_dir=job.workflow_dir,
+            seed=job.train.seed,
+            world_size=training_summary["world_size"],
+            runs=training_summary["runs"],
+            device=training_summary["device"],
+        )
     write_json(job.summary, training_summary)
 
 
@@ -207,15 +273,21 @@ def checkpoint_of(summary_or_checkpoint: PathLike) -> Path:
     return path
 
 
-def pth_to_hf(checkpoint: PathLike, output: PathLike, lora: LoraConfig, export: ExportConfig,
-              base_model: str) -> None:
+def pth_to_hf(checkpoint: PathLike, output: PathLike, lora: LoraConfig, export: ExportConfig, base_model: str) -> None:
     from .adapter import pth_to_hf as convert
 
     convert(checkpoint_of(checkpoint), output, lora, base_model, export)
 
 
-def merge(base: PathLike, adapter: PathLike, output: PathLike, merge: MergeConfig, *, template: str,
-          trust_remote_code: bool = False) -> None:
+def merge(
+    base: PathLike,
+    adapter: PathLike,
+    output: PathLike,
+    merge: MergeConfig,
+    *,
+    template: str,
+    trust_remote_code: bool = False,
+) -> None:
     from .merge import merge as run
 
     run(base, adapter, output, template, merge, trust_remote_code=trust_remote_code)
@@ -241,12 +313,22 @@ class EvaluateJob(Section):
 
 
 def evaluate(job: EvaluateJob) -> dict:
-    from .evaluate import evaluate as run, training_prompts
+    from .evaluate import evaluate as run
+    from .evaluate import training_prompts
 
-    return run(job.model, job.adapter, job.merged, job.evaluation, template=job.template, system=job.system,
-               trained_prompts=training_prompts(job.data) if job.data else set(),
-               trust_remote_code=job.trust_remote_code, out_jsonl=job.answers, out_md=job.markdown,
-               out_summary=job.summary)
+    return run(
+        job.model,
+        job.adapter,
+        job.merged,
+        job.evaluation,
+        template=job.template,
+        system=job.system,
+        trained_prompts=training_prompts(job.data) if job.data else set(),
+        trust_remote_code=job.trust_remote_code,
+        out_jsonl=job.answers,
+        out_md=job.markdown,
+        out_summary=job.summary,
+    )
 
 
 @dataclass
@@ -270,7 +352,8 @@ def report(job: ReportJob) -> None:
     from . import report as parts
 
     parts.training_curves(job.metrics, job.curves, title=f"{job.title}: training")
-    parts.evaluation_page(job.evaluation, job.evaluation_summary, job.evaluation_page,
-                          title=f"{job.title}: base vs fine-tuned")
+    parts.evaluation_page(
+        job.evaluation, job.evaluation_summary, job.evaluation_page, title=f"{job.title}: base vs fine-tuned"
+    )
     parts.provenance_page(job.provenance, job.provenance_page, title=f"{job.title}: provenance")
     parts.benchmarks_page(job.benchmarks, job.benchmarks_page, title=f"{job.title}: benchmarks")

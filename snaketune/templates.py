@@ -54,18 +54,25 @@ class PromptTemplate:
         eos = "" if self.suffix_as_eos else "{{ eos_token }}"
         # A turn after an answer starts at its system or user message; the encoder puts BOS there
         # when the answer ended with the EOS it appended.
-        new_turn = ("{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}"
-                    "{{ bos_token }}{% endif %}") if bos and not self.suffix_as_eos else ""
+        new_turn = (
+            ("{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ bos_token }}{% endif %}")
+            if bos and not self.suffix_as_eos
+            else ""
+        )
         return (
-            ("{{ bos_token }}" if bos else "")
-            + "{% for message in messages %}"
+            ("{{ bos_token }}" if bos else "") + "{% for message in messages %}"
             "{% if message['role'] == 'system' %}"
-            + new_turn + lit(sys_pre) + "{{ message['content'] }}" + lit(sys_post)
+            + new_turn
+            + lit(sys_pre)
+            + "{{ message['content'] }}"
+            + lit(sys_post)
             + "{% elif message['role'] == 'user' %}"
-            + new_turn + lit(ins_pre) + "{{ message['content'] }}" + lit(ins_post)
+            + new_turn
+            + lit(ins_pre)
+            + "{{ message['content'] }}"
+            + lit(ins_post)
             + "{% elif message['role'] == 'assistant' %}"
-            "{{ message['content'] }}" + lit(self.suffix) + eos + lit(self.sep)
-            + "{% endif %}{% endfor %}"
+            "{{ message['content'] }}" + lit(self.suffix) + eos + lit(self.sep) + "{% endif %}{% endfor %}"
         )
 
 
@@ -119,8 +126,9 @@ TEMPLATES: dict[str, PromptTemplate] = {
 
 
 SYSTEM_TEMPLATES: dict[str, str] = {
-    "alpaca": ("Below is an instruction that describes a task. "
-               "Write a response that appropriately completes the request.\n"),
+    "alpaca": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+    ),
 }
 """XTuner's ``SYSTEM_TEMPLATE`` entries (``--system-template NAME`` of ``xtuner chat``); only alpaca so far."""
 

@@ -123,8 +123,13 @@ def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
 
     samples, stats = encode_dataset(read_records(data_file), tokenizer, cfg)
     if not samples:
-        raise DataError(data_file, None, None, "no record has a supervised token after encoding",
-                        f"check that answers fit in max_length={cfg.max_length} after the prompt")
+        raise DataError(
+            data_file,
+            None,
+            None,
+            "no record has a supervised token after encoding",
+            f"check that answers fit in max_length={cfg.max_length} after the prompt",
+        )
     rows = pack(samples, cfg.max_length, cfg.seed) if cfg.pack_to_max_length else as_rows(samples)
     ipe = iters_per_epoch(len(rows), cfg, world)
     total = ipe * cfg.max_epochs
@@ -133,20 +138,38 @@ def plan_data(data_file: Path, tokenizer, cfg: TrainConfig, world: int) -> Plan:
 
 def log_plan(plan: Plan, cfg: TrainConfig, rank: int, world: int, rows_per: int) -> None:
     rows = plan.rows
-    log.info("data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, "
-             "%d optimizer steps", plan.stats, len(rows), sum(len(r.input_ids) for r in rows),
-             "on" if cfg.pack_to_max_length else "off", world, plan.iters_per_epoch, plan.total_iters,
-             len(plan.ends))
+    log.info(
+        "data: %s; %d rows of %d tokens (packing %s); %d ranks; %d iterations/epoch, %d in all, %d optimizer steps",
+        plan.stats,
+        len(rows),
+        sum(len(r.input_ids) for r in rows),
+        "on" if cfg.pack_to_max_length else "off",
+        world,
+        plan.iters_per_epoch,
+        plan.total_iters,
+        len(plan.ends),
+    )
     batches = epoch_batches(len(rows), 0, cfg, rank, world, plan.lengths)
     real = sum(len(rows[i].input_ids) for b in batches for i in b)
-    padded = sum(len(p) * max(len(r.input_ids) for r in p)
-                 for b in batches for p in passes([rows[i] for i in b], rows_per))
+    padded = sum(
+        len(p) * max(len(r.input_ids) for r in p) for b in batches for p in passes([rows[i] for i in b], rows_per)
+    )
     steps = math.ceil(plan.iters_per_epoch / cfg.accumulative_counts)
-    log.info("epoch 0 on rank %d: %d real tokens, padding fraction %.3f (passes of %d rows), %.0f tokens per "
-             "optimizer step", rank, real, 1 - real / padded, rows_per, real * world / steps)
+    log.info(
+        "epoch 0 on rank %d: %d real tokens, padding fraction %.3f (passes of %d rows), %.0f tokens per optimizer step",
+        rank,
+        real,
+        1 - real / padded,
+        rows_per,
+        real * world / steps,
+    )
     if plan.stats["truncated_samples"]:
-        log.warning("%d samples were longer than max_length=%d: %d tokens cut off",
-                    plan.stats["truncated_samples"], cfg.max_length, plan.stats["truncated_tokens"])
+        log.warning(
+            "%d samples were longer than max_length=%d: %d tokens cut off",
+            plan.stats["truncated_samples"],
+            cfg.max_length,
+            plan.stats["truncated_tokens"],
+        )
 
 
 def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, trust_remote_code: bool):
@@ -157,23 +180,31 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
 
     from .model import load_for_training
 
-    model = load_for_training(model_dir, cfg.lora, quantization=cfg.quantization,
-                              trust_remote_code=trust_remote_code,
-                              gradient_checkpointing=cfg.gradient_checkpointing is True, device=device)
+    model = load_for_training(
+        model_dir,
+        cfg.lora,
+        quantization=cfg.quantization,
+        trust_remote_code=trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing is True,
+        device=device,
+    )
     model.config.use_cache = False
     rows = fit_to_memory(model, cfg, plan, device)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one pass over the flat fp32 partition ZeRO hands it, instead of one per operation
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                  fused=device in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device in ("cpu", "cuda")
+    )
     # The step that closes a window uses the LR of the window's first iteration, so the LR per
     # optimizer step does not depend on how a global batch is split into accumulation and ranks
     # (XTuner samples the window's last iteration: acc-1 iterations later).
     starts = plan.starts
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], plan.total_iters, cfg.warmup_ratio))
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(cfg))
+        optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], plan.total_iters, cfg.warmup_ratio)
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
     return engine, optimizer, rows
 
 
@@ -209,9 +240,17 @@ def fit_to_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> int:
     if cfg.gradient_checkpointing == "auto" and need(rows) > ACTIVATION_SHARE * free:
         checkpointing = True
         enable_gradient_checkpointing(model)
-    log.info("memory: passes of %d rows, gradient checkpointing %s; activations of the largest pass (%d x %d "
-             "tokens) ~%.2f GiB, %.2f GiB free on %s", rows, "on" if checkpointing else "off", rows, longest,
-             need(rows) / 2**30, free / 2**30, device)
+    log.info(
+        "memory: passes of %d rows, gradient checkpointing %s; activations of the largest pass (%d x %d "
+        "tokens) ~%.2f GiB, %.2f GiB free on %s",
+        rows,
+        "on" if checkpointing else "off",
+        rows,
+        longest,
+        need(rows) / 2**30,
+        free / 2**30,
+        device,
+    )
     return rows
 
 
@@ -248,9 +287,14 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    counts = torch.tensor([float(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, labels, *_ in window)),
-                           float(sum(ids.numel() for ids, *_ in window)), float(real_tokens)],
-                          device=engine.device)
+    counts = torch.tensor(
+        [
+            float(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, labels, *_ in window)),
+            float(sum(ids.numel() for ids, *_ in window)),
+            float(real_tokens),
+        ],
+        device=engine.device,
+    )
     dist.all_reduce(counts)
     n_sup, n_tok, n_real = counts.tolist()
     loss_total = torch.zeros((), device=engine.device)
@@ -262,11 +306,16 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
     engine.step()
     dist.all_reduce(loss_total)
     grad_norm = engine.get_global_grad_norm()
-    return {"loss": loss_total.item() / n_sup, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            # DeepSpeed skips a step whose gradients hold NaN/inf, silently: the loss then stays flat
-            "overflow": bool(getattr(engine.optimizer, "overflow", False)),
-            "tokens": int(n_tok), "real_tokens": int(n_real), "padding_fraction": 1 - n_real / n_tok,
-            "supervised_tokens": int(n_sup)}
+    return {
+        "loss": loss_total.item() / n_sup,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        # DeepSpeed skips a step whose gradients hold NaN/inf, silently: the loss then stays flat
+        "overflow": bool(getattr(engine.optimizer, "overflow", False)),
+        "tokens": int(n_tok),
+        "real_tokens": int(n_real),
+        "padding_fraction": 1 - n_real / n_tok,
+        "supervised_tokens": int(n_sup),
+    }
 
 
 def check_finite(engine, row: dict, work_dir: Path) -> None:
@@ -274,8 +323,9 @@ def check_finite(engine, row: dict, work_dir: Path) -> None:
     weights_ok = checkpoints.all_finite(p for p in engine.module.parameters() if p.requires_grad)
     # An exactly zero gradient with a non-zero loss: the outputs no longer depend on the weights (a
     # diverged model gives uniform logits, loss ln(vocab), every step), so nothing can be learned.
-    norm_ok = row["grad_norm"] is None or (checkpoints.is_finite_number(row["grad_norm"])
-                                           and (row["grad_norm"] > 0 or row["loss"] == 0))
+    norm_ok = row["grad_norm"] is None or (
+        checkpoints.is_finite_number(row["grad_norm"]) and (row["grad_norm"] > 0 or row["loss"] == 0)
+    )
     if checkpoints.is_finite_number(row["loss"]) and norm_ok and weights_ok and not row["overflow"]:
         return
     done = checkpoints.complete_checkpoints(work_dir)
@@ -285,7 +335,8 @@ def check_finite(engine, row: dict, work_dir: Path) -> None:
         f"{' (vanished: the outputs no longer depend on the weights)' if row['grad_norm'] == 0 else ''}, "
         f"trainable weights {'finite' if weights_ok else 'not finite'}. "
         f"The last good checkpoint is {done[-1][1] if done else 'none'}; nothing after it was saved. "
-        f"Lower lr (now {row['lr']:.3g} at this step) or max_norm, then run again.")
+        f"Lower lr (now {row['lr']:.3g} at this step) or max_norm, then run again."
+    )
 
 
 def evaluate_during_training(engine, tokenizer, cfg: TrainConfig, work_dir: Path, at: int) -> None:
@@ -294,8 +345,14 @@ def evaluate_during_training(engine, tokenizer, cfg: TrainConfig, work_dir: Path
 
     if dist.get_rank() == 0 and cfg.evaluation_inputs:
         t0 = time.time()
-        answers = generate_answers(engine.module, tokenizer, cfg.template, cfg.evaluation_inputs,
-                                   system=cfg.SYSTEM, max_new_tokens=cfg.evaluation_max_new_tokens)
+        answers = generate_answers(
+            engine.module,
+            tokenizer,
+            cfg.template,
+            cfg.evaluation_inputs,
+            system=cfg.SYSTEM,
+            max_new_tokens=cfg.evaluation_max_new_tokens,
+        )
         append_jsonl(work_dir / EVAL_OUTPUTS, {"iter": at, "answers": as_dicts(answers)})
         for a in answers:
             log.info("eval iter %d | %s -> %s", at, a.prompt, a.answer)
@@ -303,8 +360,15 @@ def evaluate_during_training(engine, tokenizer, cfg: TrainConfig, work_dir: Path
     dist.barrier()
 
 
-def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: str | os.PathLike,
-          cfg: TrainConfig, *, threads: int | None = None, trust_remote_code: bool = False) -> dict | None:
+def train(
+    model_dir: str | os.PathLike,
+    data_file: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+) -> dict | None:
     """Train (or resume) to the end; rank 0 returns the training summary, other ranks None."""
     import torch
     import torch.distributed as dist
@@ -328,22 +392,14 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     if resumed_from is None:
         evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
     engine.train()
-    batches, t_start = Batches(plan.rows, plan.iters_per_epoch, cfg, tokenizer.pad_token_id, rank, world, rows_per), time.time()
+    batches, t_start = (
+        Batches(plan.rows, plan.iters_per_epoch, cfg, tokenizer.pad_token_id, rank, world, rows_per),
+        time.time(),
+    )
     for step, (start, end) in enumerate(zip(plan.starts, plan.ends), start=1):
         if end <= (resumed_from or 0):
             continue
-        t0 = time.time()
-        window, real_tokens = batches.window(start, end)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"iter": end, "epoch": (end - 1) // plan.iters_per_epoch, "step": step, "lr": lr,
-               **train_window(engine, window, real_tokens)}
-        row["time_s"] = time.time() - t0
-        row["tokens_per_s"] = row["real_tokens"] / row["time_s"]
-        check_finite(engine, row, work_dir)
-        if rank == 0:
-            append_jsonl(work_dir / METRICS, row)
-            log.info("iter %d/%d step %d loss %.4f lr %.3g grad_norm %s %.0f tok/s", end, plan.total_iters, step,
-                     row["loss"], lr, row["grad_norm"], row["tokens_per_s"])
+        optimizer_step(engine, optimizer, batches, plan, step, start, end, work_dir)
         # A multiple of save_steps (evaluation_freq) inside this window is
         # honoured at the window's end: checkpoints fall on optimizer steps.
         last = end == plan.total_iters
@@ -356,12 +412,55 @@ def train(model_dir: str | os.PathLike, data_file: str | os.PathLike, work_dir: 
     return summary
 
 
-def finish(work_dir: Path, plan: Plan, cfg: TrainConfig, world: int, resumed_from: int | None,
-           seconds: float, device: str) -> dict:
+def optimizer_step(
+    engine, optimizer, batches: Batches, plan: Plan, step: int, start: int, end: int, work_dir: Path
+) -> None:
+    """Train on iterations ``start..end`` (one optimizer step); rank 0 appends and logs its metrics."""
+    import torch.distributed as dist
+
+    t0 = time.time()
+    window, real_tokens = batches.window(start, end)
+    lr = optimizer.param_groups[0]["lr"]
+    row = {
+        "iter": end,
+        "epoch": (end - 1) // plan.iters_per_epoch,
+        "step": step,
+        "lr": lr,
+        **train_window(engine, window, real_tokens),
+    }
+    row["time_s"] = time.time() - t0
+    row["tokens_per_s"] = row["real_tokens"] / row["time_s"]
+    check_finite(engine, row, work_dir)
+    if dist.get_rank() == 0:
+        append_jsonl(work_dir / METRICS, row)
+        log.info(
+            "iter %d/%d step %d loss %.4f lr %.3g grad_norm %s %.0f tok/s",
+            end,
+            plan.total_iters,
+            step,
+            row["loss"],
+            lr,
+            row["grad_norm"],
+            row["tokens_per_s"],
+        )
+
+
+def finish(
+    work_dir: Path, plan: Plan, cfg: TrainConfig, world: int, resumed_from: int | None, seconds: float, device: str
+) -> dict:
     """Rank 0: close the progress record and sum the training up."""
-    return {"checkpoint": str(work_dir / f"iter_{plan.total_iters}.pth"), "iterations": plan.total_iters,
-            "optimizer_steps": len(plan.ends), "world_size": world, "device": device, "malloc": malloc_in_use(),
-            "resumed_from": resumed_from,
-            "data": plan.stats, "rows": len(plan.rows),
-            "tokens_per_epoch": sum(len(r.input_ids) for r in plan.rows),
-            "train_seconds_this_run": seconds, "settings": asdict(cfg), "runs": checkpoints.end_run(work_dir)}
+    return {
+        "checkpoint": str(work_dir / f"iter_{plan.total_iters}.pth"),
+        "iterations": plan.total_iters,
+        "optimizer_steps": len(plan.ends),
+        "world_size": world,
+        "device": device,
+        "malloc": malloc_in_use(),
+        "resumed_from": resumed_from,
+        "data": plan.stats,
+        "rows": len(plan.rows),
+        "tokens_per_epoch": sum(len(r.input_ids) for r in plan.rows),
+        "train_seconds_this_run": seconds,
+        "settings": asdict(cfg),
+        "runs": checkpoints.end_run(work_dir),
+    }

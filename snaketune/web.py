@@ -36,16 +36,25 @@ def turns_of(history: list[dict]) -> list[Turn]:
     return turns
 
 
-def build_app(model, tokenizer, template: PromptTemplate | str, *, system: str, settings: GenerationSettings,
-              title: str) -> gr.Blocks:
+def build_app(
+    model, tokenizer, template: PromptTemplate | str, *, system: str, settings: GenerationSettings, title: str
+) -> gr.Blocks:
     """The chat page for one loaded model."""
     template_name = template if isinstance(template, str) else template.name
 
-    def answer(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
-               top_p: float) -> Iterator[str]:
-        chat = Chat(model, tokenizer, template, system=system, history=turns_of(history),
-                    settings=GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=temperature,
-                                                top_p=top_p, top_k=settings.top_k))
+    def answer(
+        message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float, top_p: float
+    ) -> Iterator[str]:
+        chat = Chat(
+            model,
+            tokenizer,
+            template,
+            system=system,
+            history=turns_of(history),
+            settings=GenerationSettings(
+                max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p, top_k=settings.top_k
+            ),
+        )
         yield from chat.stream(message)
 
     with gr.Blocks(title=f"snaketune chat: {title}", analytics_enabled=False) as app:
@@ -54,19 +63,22 @@ def build_app(model, tokenizer, template: PromptTemplate | str, *, system: str, 
             with gr.Column(scale=1, min_width=260):  # the settings, always in view
                 settings_inputs = [
                     gr.Textbox(system, label="System prompt", lines=3, elem_id="system"),
-                    gr.Slider(1, 4096, value=settings.max_new_tokens, step=1, label="max new tokens",
-                              elem_id="max-new-tokens"),
-                    gr.Slider(0, 2, value=settings.temperature, step=0.05, label="temperature",
-                              elem_id="temperature"),
-                    gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="top-p (when sampling)",
-                              elem_id="top-p"),
+                    gr.Slider(
+                        1, 4096, value=settings.max_new_tokens, step=1, label="max new tokens", elem_id="max-new-tokens"
+                    ),
+                    gr.Slider(0, 2, value=settings.temperature, step=0.05, label="temperature", elem_id="temperature"),
+                    gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="top-p (when sampling)", elem_id="top-p"),
                 ]
             with gr.Column(scale=3):
                 gr.ChatInterface(
                     answer,
                     chatbot=gr.Chatbot(label="conversation", height=460, elem_id="conversation"),
-                    textbox=gr.Textbox(placeholder="Ask something and press Enter", show_label=False,
-                                       elem_id="question", autofocus=True),
+                    textbox=gr.Textbox(
+                        placeholder="Ask something and press Enter",
+                        show_label=False,
+                        elem_id="question",
+                        autofocus=True,
+                    ),
                     additional_inputs=settings_inputs,
                     concurrency_limit=1,
                     analytics_enabled=False,

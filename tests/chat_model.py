@@ -29,9 +29,19 @@ def build_talking_model(out: Path) -> Path:
     from snaketune.model import load_tokenizer
 
     tok = load_tokenizer(TINY_BASE)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=EOS)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=EOS,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     words = torch.zeros(len(tok), dtype=torch.bool)
@@ -51,8 +61,10 @@ def build_adapter(base: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     model.save_pretrained(out)
     return out
 
@@ -61,8 +73,10 @@ def chatml(system: str, turns: list[tuple[str, str | None]], enc) -> list[int]:
     """XTuner's internlm2_chat encoding, typed out: BOS, system on turn 0, answer + <|im_end|>, "\\n"."""
     ids = [BOS]
     for i, (question, answer) in enumerate(turns):
-        ids += enc((f"<|im_start|>system\n{system}<|im_end|>\n" if i == 0 and system else "")
-                   + f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+        ids += enc(
+            (f"<|im_start|>system\n{system}<|im_end|>\n" if i == 0 and system else "")
+            + f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        )
         if answer is not None:
             ids += enc(answer + "<|im_end|>") + enc("\n")
     return ids

@@ -37,8 +37,9 @@ def run(argv, *, check: bool = True, **kw) -> subprocess.CompletedProcess:
     argv = [str(a) for a in argv]
     res = subprocess.run(argv, capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n"
-                             f"{res.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+        )
     return res
 
 
@@ -80,19 +81,45 @@ def read_jsonl(path: Path) -> list[dict]:
 TINY_CONFIG = {
     "run": ["tiny"],
     "models": {"tiny_llama": {"source": "local", "path": str(TINY_BASE)}},
-    "datasets": {"sc": {"generator": "self_cognition", "spec": {
-        "name": "Snaky", "owner": "青松", "answers": {"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
-        "copies": 2, "seed": 0}}},
-    "experiments": {"tiny": {
-        "model": "tiny_llama", "dataset": "sc",
-        "train": {"template": "internlm2_chat", "max_length": 64, "batch_size": 2, "accumulative_counts": 2,
-                  "max_epochs": 2, "lr": 1e-3, "save_steps": 4, "save_total_limit": 2, "evaluation_freq": 6,
-                  "evaluation_inputs": ["你是谁"], "evaluation_max_new_tokens": 4,
-                  "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
-        # a random 64-wide model will not learn to stop in 12 steps: that check is tested elsewhere
-        "evaluation": {"prompts": ["你是谁", "Who are you?", "你是哪位？"], "identity_keywords": ["Snaky"],
-                       "max_new_tokens": 6, "require_stop": False},
-    }},
+    "datasets": {
+        "sc": {
+            "generator": "self_cognition",
+            "spec": {
+                "name": "Snaky",
+                "owner": "青松",
+                "answers": {"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
+                "copies": 2,
+                "seed": 0,
+            },
+        }
+    },
+    "experiments": {
+        "tiny": {
+            "model": "tiny_llama",
+            "dataset": "sc",
+            "train": {
+                "template": "internlm2_chat",
+                "max_length": 64,
+                "batch_size": 2,
+                "accumulative_counts": 2,
+                "max_epochs": 2,
+                "lr": 1e-3,
+                "save_steps": 4,
+                "save_total_limit": 2,
+                "evaluation_freq": 6,
+                "evaluation_inputs": ["你是谁"],
+                "evaluation_max_new_tokens": 4,
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+            },
+            # a random 64-wide model will not learn to stop in 12 steps: that check is tested elsewhere
+            "evaluation": {
+                "prompts": ["你是谁", "Who are you?", "你是哪位？"],
+                "identity_keywords": ["Snaky"],
+                "max_new_tokens": 6,
+                "require_stop": False,
+            },
+        }
+    },
 }
 
 
@@ -137,22 +164,35 @@ def conda_on_path(tmp_path: Path) -> dict[str, str]:
 
 
 # The tiny experiment's training: on XTuner's 16 fixture records, 8 iterations (4 optimizer steps) an epoch.
-TINY = dict(template="internlm2_chat", max_length=64, batch_size=2, accumulative_counts=2, max_epochs=3,
-            lr=1e-3, warmup_ratio=0.1, save_steps=4, save_total_limit=3, evaluation_freq=1000,
-            lora={"r": 8, "alpha": 16, "dropout": 0.1})
+TINY = dict(
+    template="internlm2_chat",
+    max_length=64,
+    batch_size=2,
+    accumulative_counts=2,
+    max_epochs=3,
+    lr=1e-3,
+    warmup_ratio=0.1,
+    save_steps=4,
+    save_total_limit=3,
+    evaluation_freq=1000,
+    lora={"r": 8, "alpha": 16, "dropout": 0.1},
+)
 
 # No dropout: ranks draw different random numbers, so dropout would make them differ for that reason alone.
 # warmup_ratio 0.25 gives a whole number of warm-up iterations for 8 and 16 iterations alike.
-EXACT = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_epochs=2, save_steps=2, save_total_limit=5,
-             warmup_ratio=0.25)
+EXACT = dict(
+    lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_epochs=2, save_steps=2, save_total_limit=5, warmup_ratio=0.25
+)
 
 
 def tiny_config(path: Path, *, train: dict | None = None, dataset: dict | None = None) -> str:
     """A config file whose one experiment, ``tiny``, trains the tiny model (default: on XTuner's fixture data)."""
-    config = {"run": ["tiny"], "models": {"tiny": {"source": "local", "path": str(TINY_BASE)}},
-              "datasets": {"data": dataset or {"format": "xtuner", "path": str(XTUNER / "data.json")}},
-              "experiments": {"tiny": {"model": "tiny", "dataset": "data",
-                                       "train": train or {"template": "internlm2_chat"}}}}
+    config = {
+        "run": ["tiny"],
+        "models": {"tiny": {"source": "local", "path": str(TINY_BASE)}},
+        "datasets": {"data": dataset or {"format": "xtuner", "path": str(XTUNER / "data.json")}},
+        "experiments": {"tiny": {"model": "tiny", "dataset": "data", "train": train or {"template": "internlm2_chat"}}},
+    }
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     return str(path)
 
@@ -161,10 +201,29 @@ def train_cmd(work: Path, out: Path, data: Path = XTUNER / "data.json", **over) 
     """``snaketune train`` on the tiny experiment (:data:`TINY`, changed by ``over``), as a user runs it by
     hand; every file in tmp."""
     config = tiny_config(work.parent / f"{work.name}.yaml", train={**TINY, **over})
-    return [sys.executable, "-m", "snaketune.cli", "train", "--config", config, "tiny", "--model", str(TINY_BASE),
-            "--data", str(data), "--work-dir", str(work), "--summary", str(out),
-            "--metrics", str(out.with_suffix(".metrics.jsonl")), "--provenance", str(out.with_suffix(".prov.json")),
-            "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "snaketune.cli",
+        "train",
+        "--config",
+        config,
+        "tiny",
+        "--model",
+        str(TINY_BASE),
+        "--data",
+        str(data),
+        "--work-dir",
+        str(work),
+        "--summary",
+        str(out),
+        "--metrics",
+        str(out.with_suffix(".metrics.jsonl")),
+        "--provenance",
+        str(out.with_suffix(".prov.json")),
+        "--threads",
+        "1",
+    ]
 
 
 def train_exact(tmp_path: Path, name: str, ranks: int = 1, data: Path | None = None, **over) -> tuple[Path, dict]:
@@ -180,8 +239,9 @@ def unequal_data(path: Path, n: int = 16) -> Path:
     """Conversations whose answers differ in length (1 to 19 words): a mean of per-batch means then
     differs from the loss over all supervised tokens. (XTuner's fixture data has one answer for all.)"""
     words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
-    records = [{"conversation": [{"input": f"Question {i}?", "output": " ".join(words[: 1 + (7 * i) % 19])}]}
-               for i in range(n)]
+    records = [
+        {"conversation": [{"input": f"Question {i}?", "output": " ".join(words[: 1 + (7 * i) % 19])}]} for i in range(n)
+    ]
     path.write_text(json.dumps(records))
     return path
 

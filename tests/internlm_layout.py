@@ -58,6 +58,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
 @dataclass
 class HubCheckpoint:
     path: Path
@@ -148,8 +149,14 @@ def _plant_remote_code(dest: Path, names: list[str]) -> None:
 
 
 def _added(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def build_internlm2(dest: Path, seed: int = 0) -> HubCheckpoint:
@@ -173,74 +180,108 @@ def build_internlm2(dest: Path, seed: int = 0) -> HubCheckpoint:
     specials = {name: vocab + offset for name, offset in INTERNLM2_SPECIALS.items()}
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6},
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
     )
     native = _randomise(LlamaForCausalLM(config), seed)
 
     # Two shards and an index, as the hub ships larger models.
     state = llama_to_internlm2_state(native)
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, part in shards.items():
         save_file({k: state[k] for k in part}, dest / name, metadata={"format": "pt"})
-    (dest / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    (dest / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}})
+    )
 
-    (dest / "config.json").write_text(json.dumps({
-        "architectures": ["InternLM2ForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_internlm2.InternLM2Config",
-            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-        },
-        "attn_implementation": "eager",
-        "bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": 64,
-        "initializer_range": 0.02,
-        "intermediate_size": 128,
-        "max_position_embeddings": 16,
-        "model_type": "internlm2",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 2.0, "type": "dynamic"},
-        "rope_theta": 1000000,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.41.0",
-        "use_cache": True,
-        "vocab_size": vocab,
-    }, indent=2))
+    (dest / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["InternLM2ForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_internlm2.InternLM2Config",
+                    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+                },
+                "attn_implementation": "eager",
+                "bias": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 2,
+                "hidden_act": "silu",
+                "hidden_size": 64,
+                "initializer_range": 0.02,
+                "intermediate_size": 128,
+                "max_position_embeddings": 16,
+                "model_type": "internlm2",
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "num_key_value_heads": 2,
+                "rms_norm_eps": 1e-05,
+                "rope_scaling": {"factor": 2.0, "type": "dynamic"},
+                "rope_theta": 1000000,
+                "tie_word_embeddings": False,
+                "torch_dtype": "float32",
+                "transformers_version": "4.41.0",
+                "use_cache": True,
+                "vocab_size": vocab,
+            },
+            indent=2,
+        )
+    )
     decoder = {"0": _added("<unk>"), "1": _added("<s>"), "2": _added("</s>")}
     decoder.update({str(i): _added(name) for name, i in specials.items()})
-    (dest / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(specials)[::-1],
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-        "bos_token": "<s>",
-        "chat_template": CHATML,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>",
-        "pad_token": "</s>",
-        "tokenizer_class": "InternLM2Tokenizer",
-        "unk_token": "<unk>",
-    }, indent=2))
-    (dest / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": [2, specials["<|im_end|>"]], "pad_token_id": 2}))
-    _plant_remote_code(dest, ["configuration_internlm2.py", "modeling_internlm2.py",
-                              "tokenization_internlm2.py", "tokenization_internlm2_fast.py"])
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "added_tokens_decoder": decoder,
+                "additional_special_tokens": list(specials)[::-1],
+                "auto_map": {
+                    "AutoTokenizer": [
+                        "tokenization_internlm2.InternLM2Tokenizer",
+                        "tokenization_internlm2_fast.InternLM2TokenizerFast",
+                    ]
+                },
+                "bos_token": "<s>",
+                "chat_template": CHATML,
+                "clean_up_tokenization_spaces": False,
+                "eos_token": "</s>",
+                "pad_token": "</s>",
+                "tokenizer_class": "InternLM2Tokenizer",
+                "unk_token": "<unk>",
+            },
+            indent=2,
+        )
+    )
+    (dest / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, specials["<|im_end|>"]], "pad_token_id": 2})
+    )
+    _plant_remote_code(
+        dest,
+        [
+            "configuration_internlm2.py",
+            "modeling_internlm2.py",
+            "tokenization_internlm2.py",
+            "tokenization_internlm2_fast.py",
+        ],
+    )
     return HubCheckpoint(dest, native, tok_path, specials)
 
 
@@ -266,10 +307,19 @@ def build_internlm(dest: Path, seed: int = 1) -> HubCheckpoint:
     specials = {"<eoh>": sp.piece_to_id("<eoh>"), "<eoa>": sp.piece_to_id("<eoa>")}
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "dynamic", "factor": 1.0, "rope_theta": 10000.0},
-        attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        attention_bias=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     native = _randomise(LlamaForCausalLM(config), seed)
     state = {k: v.clone() for k, v in native.state_dict().items()}
@@ -279,39 +329,49 @@ def build_internlm(dest: Path, seed: int = 1) -> HubCheckpoint:
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(head_dim // 2)
     torch.save(state, dest / "pytorch_model.bin")
 
-    (dest / "config.json").write_text(json.dumps({
-        "architectures": ["InternLMForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_internlm.InternLMConfig",
-            "AutoModel": "modeling_internlm.InternLMForCausalLM",
-            "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
-        },
-        "bias": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": 64,
-        "initializer_range": 0.02,
-        "intermediate_size": 128,
-        "max_position_embeddings": 16,
-        "model_type": "internlm",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "pad_token_id": 0,
-        "rms_norm_eps": 1e-06,
-        "rotary": {"base": 10000, "type": "dynamic"},
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.33.2",
-        "use_cache": True,
-        "vocab_size": vocab,
-    }, indent=2))
-    (dest / "tokenizer_config.json").write_text(json.dumps({
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None]},
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "tokenizer_class": "InternLMTokenizer",
-    }, indent=2))
+    (dest / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["InternLMForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_internlm.InternLMConfig",
+                    "AutoModel": "modeling_internlm.InternLMForCausalLM",
+                    "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
+                },
+                "bias": True,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "hidden_act": "silu",
+                "hidden_size": 64,
+                "initializer_range": 0.02,
+                "intermediate_size": 128,
+                "max_position_embeddings": 16,
+                "model_type": "internlm",
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "pad_token_id": 0,
+                "rms_norm_eps": 1e-06,
+                "rotary": {"base": 10000, "type": "dynamic"},
+                "tie_word_embeddings": False,
+                "torch_dtype": "float32",
+                "transformers_version": "4.33.2",
+                "use_cache": True,
+                "vocab_size": vocab,
+            },
+            indent=2,
+        )
+    )
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "auto_map": {"AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None]},
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "tokenizer_class": "InternLMTokenizer",
+            },
+            indent=2,
+        )
+    )
     _plant_remote_code(dest, ["configuration_internlm.py", "modeling_internlm.py", "tokenization_internlm.py"])
     return HubCheckpoint(dest, native, tok_path, specials)

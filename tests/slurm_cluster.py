@@ -30,35 +30,41 @@ class Cluster:
         state, spool = self.root / "state", self.root / "spool"
         state.mkdir()
         spool.mkdir()
-        return MARK + "\n".join([
-            "ClusterName=snaketune-test",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
-            "SlurmctldPort=16817",
-            "SlurmdPort=16818",
-            "SlurmUser=root",
-            "AuthType=auth/munge",
-            f"StateSaveLocation={state}",
-            f"SlurmdSpoolDir={spool}",
-            f"SlurmctldPidFile={self.root}/slurmctld.pid",
-            f"SlurmdPidFile={self.root}/slurmd.pid",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            "MinJobAge=600",
-            # One GPU in name only (gres.conf: File=/dev/null): the profile's GPU request is scheduled as
-            # shipped; the job finds no CUDA device and trains on the CPU.
-            "GresTypes=gpu",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:1 "
-            "State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
-        ]) + "\n"
+        return (
+            MARK
+            + "\n".join(
+                [
+                    "ClusterName=snaketune-test",
+                    f"SlurmctldHost={self.host}(127.0.0.1)",
+                    "SlurmctldPort=16817",
+                    "SlurmdPort=16818",
+                    "SlurmUser=root",
+                    "AuthType=auth/munge",
+                    f"StateSaveLocation={state}",
+                    f"SlurmdSpoolDir={spool}",
+                    f"SlurmctldPidFile={self.root}/slurmctld.pid",
+                    f"SlurmdPidFile={self.root}/slurmd.pid",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "MinJobAge=600",
+                    # One GPU in name only (gres.conf: File=/dev/null): the profile's GPU request is scheduled as
+                    # shipped; the job finds no CUDA device and trains on the CPU.
+                    "GresTypes=gpu",
+                    f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:1 "
+                    "State=UNKNOWN",
+                    f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+                ]
+            )
+            + "\n"
+        )
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         for conf in (SLURM_CONF, GRES_CONF):
             if conf.exists() and not conf.read_text().startswith(MARK):
                 raise RuntimeError(f"{conf} exists and is not ours: not touching a real cluster's config")
@@ -102,7 +108,9 @@ class Cluster:
         # a failed test's jobs: their processes would outlive the daemons
         subprocess.run(["scancel", "--user", "root"], capture_output=True)
         deadline = time.time() + 60
-        while time.time() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        while (
+            time.time() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+        ):
             time.sleep(1)
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -122,6 +130,9 @@ def available() -> str | None:
     """Why the cluster cannot run here, or None."""
     if os.geteuid() != 0:
         return "needs root"
-    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if not shutil.which(b)
-               and not Path("/usr/sbin", b).exists()]
+    missing = [
+        b
+        for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")
+        if not shutil.which(b) and not Path("/usr/sbin", b).exists()
+    ]
     return f"missing {', '.join(missing)} (apt-get install slurm-wlm munge)" if missing else None

@@ -52,8 +52,9 @@ def talking(tmp_path_factory):
 
 
 def greedy(model, tok, prompts, system=SYSTEM):
-    return [a.answer for a in generate_answers(model, tok, "internlm2_chat", prompts, system=system,
-                                               max_new_tokens=MAX)]
+    return [
+        a.answer for a in generate_answers(model, tok, "internlm2_chat", prompts, system=system, max_new_tokens=MAX)
+    ]
 
 
 # ---------------------------------------------------------------- the Chat class
@@ -65,9 +66,19 @@ def test_prompts_are_xtuners_multi_turn_format(talking):
     chat.history = [{"input": "Q1", "output": "A1"}, {"input": "Q2", "output": "A2"}]
     # default: no suffix, so EOS ends each answer (supervised in training) and BOS starts the next turn
     assert chat.prompt_ids("Q3") == (
-        [BOS] + enc("<|System|>:S\n<|User|>:Q1\n<|Bot|>:") + enc("A1") + [EOS] + enc("\n")
-        + [BOS] + enc("<|User|>:Q2\n<|Bot|>:") + enc("A2") + [EOS] + enc("\n")
-        + [BOS] + enc("<|User|>:Q3\n<|Bot|>:"))
+        [BOS]
+        + enc("<|System|>:S\n<|User|>:Q1\n<|Bot|>:")
+        + enc("A1")
+        + [EOS]
+        + enc("\n")
+        + [BOS]
+        + enc("<|User|>:Q2\n<|Bot|>:")
+        + enc("A2")
+        + [EOS]
+        + enc("\n")
+        + [BOS]
+        + enc("<|User|>:Q3\n<|Bot|>:")
+    )
     chat = Chat(talking.model, talking.tok, "internlm2_chat", system="S")
     chat.history = [{"input": "Q1", "output": "A1"}, {"input": "Q2", "output": "A2"}]
     assert chat.prompt_ids("Q3") == chatml("S", [("Q1", "A1"), ("Q2", "A2"), ("Q3", None)], enc)
@@ -100,8 +111,9 @@ def test_later_turns_see_the_history_and_reset_forgets_it(talking):
 
 
 def test_stream_yields_the_growing_answer_then_the_answer(talking):
-    chat = Chat(talking.model, talking.tok, "internlm2_chat", system=SYSTEM,
-                settings=GenerationSettings(max_new_tokens=MAX))
+    chat = Chat(
+        talking.model, talking.tok, "internlm2_chat", system=SYSTEM, settings=GenerationSettings(max_new_tokens=MAX)
+    )
     steps = list(chat.stream("你是谁"))
     [want] = greedy(talking.model, talking.tok, ["你是谁"])
     assert steps[-1] == want and len(steps) > 2
@@ -128,8 +140,9 @@ def test_repl_streams_on_a_terminal_and_obeys_commands(talking):
             writes.append(text)
             return len(text)
 
-    chat = Chat(talking.model, talking.tok, "internlm2_chat", system=SYSTEM,
-                settings=GenerationSettings(max_new_tokens=MAX))
+    chat = Chat(
+        talking.model, talking.tok, "internlm2_chat", system=SYSTEM, settings=GenerationSettings(max_new_tokens=MAX)
+    )
     lines = iter(["Who are you?", "/reset", "", "What is", "/exit", "never asked"])
     repl(chat, lambda prompt: next(lines, None), Terminal(), stream=True)
     first, what_is = greedy(talking.model, talking.tok, ["Who are you?", "What is"])
@@ -156,10 +169,14 @@ def test_a_conversation_beyond_the_context_asks_for_a_reset(talking, capsys):
 @pytest.mark.slow
 def test_cli_reads_stdin_keeps_history_resets_and_exits(talking, tmp_path):
     """An experiment name: its results/<exp>/merged, its template and SYSTEM; prompts piped in."""
-    config = {"run": ["talk"], "models": {"talk": {"source": "local", "path": str(talking.base)}},
-              "datasets": {"data": {"format": "xtuner", "path": str(XTUNER / "data.json")}},
-              "experiments": {"talk": {"model": "talk", "dataset": "data",
-                                       "train": {"template": "internlm2_chat", "SYSTEM": SYSTEM}}}}
+    config = {
+        "run": ["talk"],
+        "models": {"talk": {"source": "local", "path": str(talking.base)}},
+        "datasets": {"data": {"format": "xtuner", "path": str(XTUNER / "data.json")}},
+        "experiments": {
+            "talk": {"model": "talk", "dataset": "data", "train": {"template": "internlm2_chat", "SYSTEM": SYSTEM}}
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "results" / "talk").mkdir(parents=True)
     (tmp_path / "results" / "talk" / "merged").symlink_to(talking.merged)
@@ -168,10 +185,12 @@ def test_cli_reads_stdin_keeps_history_resets_and_exits(talking, tmp_path):
 
     model, tok = load_model(talking.merged)
     first, alone = greedy(model, tok, ["Who are you?", "What is your name?"])
-    second = argmax_answer(model, tok, chatml(SYSTEM, [("Who are you?", first), ("What is your name?", None)],
-                                              talking.enc))
-    multi = argmax_answer(model, tok, chatml(SYSTEM, [("What is your name?", alone), ("line one\nline two", None)],
-                                             talking.enc))
+    second = argmax_answer(
+        model, tok, chatml(SYSTEM, [("Who are you?", first), ("What is your name?", None)], talking.enc)
+    )
+    multi = argmax_answer(
+        model, tok, chatml(SYSTEM, [("What is your name?", alone), ("line one\nline two", None)], talking.enc)
+    )
     assert res.stdout.splitlines() == [first, second, alone, multi]
     assert first and second != alone  # non-empty; the history mattered
 
@@ -188,8 +207,19 @@ def test_cli_on_directories_merged_and_base_with_adapter(talking):
     assert res.stdout.splitlines() == [first, argmax_answer(model, tok, ids)]  # answers only: banner on stderr
     assert "/reset" in res.stderr
 
-    res = run_cli("chat", talking.base, "--adapter", talking.adapter, "--prompt-template", "internlm2_chat",
-                  "--system", SYSTEM, "--max-new-tokens", MAX, input="Who are you?\n")
+    res = run_cli(
+        "chat",
+        talking.base,
+        "--adapter",
+        talking.adapter,
+        "--prompt-template",
+        "internlm2_chat",
+        "--system",
+        SYSTEM,
+        "--max-new-tokens",
+        MAX,
+        input="Who are you?\n",
+    )
     peft = load_peft_model(load_base(talking.base, "float32"), talking.adapter)
     assert res.stdout.splitlines() == greedy(peft, tok, ["Who are you?"])
 
@@ -208,9 +238,26 @@ def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
     """On a terminal: a >>> prompt, the answer, the next prompt; Ctrl-D quits."""
     leader, follower = pty.openpty()
     env = {**os.environ, "TERM": "dumb"}
-    proc = subprocess.Popen([sys.executable, "-m", "snaketune.cli", "chat", str(talking.base), "--prompt-template",
-                             "internlm2_chat", "--system", SYSTEM, "--max-new-tokens", str(MAX)],
-                            stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snaketune.cli",
+            "chat",
+            str(talking.base),
+            "--prompt-template",
+            "internlm2_chat",
+            "--system",
+            SYSTEM,
+            "--max-new-tokens",
+            str(MAX),
+        ],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        close_fds=True,
+    )
     os.close(follower)
     seen = b""
 
@@ -235,4 +282,3 @@ def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
     [want] = greedy(talking.model, talking.tok, ["Who are you?"])
     session = seen[mark:].decode().replace("\r\n", "\n")
     assert f"Who are you?\n{want}\n>>> " in session  # the echoed question, the answer, the next prompt
-

@@ -154,12 +154,14 @@ def test_a_dataset_is_one_name_or_a_mixture():
     assert resolve(config, "identity").mixed
     entry["dataset"] = [{"name": "self_cognition", "loss": "kl"}]  # so does a loss (mix_data marks the records)
     assert resolve(config, "identity").mixed
-    for bad, message in ((["self_cognition", "self_cognition"], "listed twice"),
-                         (["self_cognition", "nope"], "no dataset named 'nope'"),
-                         ([{"name": "self_cognition", "repeat": 0}], r"dataset\[0\]\.repeat: must be a number above 0"),
-                         ([{"name": "self_cognition", "times": 2}], r"unknown key\(s\) times"),
-                         ([{"name": "self_cognition", "loss": "mse"}], r"dataset\[0\]\.loss: 'mse'; choose one of ce, kl"),
-                         ([], "name at least one dataset")):
+    for bad, message in (
+        (["self_cognition", "self_cognition"], "listed twice"),
+        (["self_cognition", "nope"], "no dataset named 'nope'"),
+        ([{"name": "self_cognition", "repeat": 0}], r"dataset\[0\]\.repeat: must be a number above 0"),
+        ([{"name": "self_cognition", "times": 2}], r"unknown key\(s\) times"),
+        ([{"name": "self_cognition", "loss": "mse"}], r"dataset\[0\]\.loss: 'mse'; choose one of ce, kl"),
+        ([], "name at least one dataset"),
+    ):
         entry["dataset"] = bad
         with pytest.raises(ConfigError, match=message):
             resolve(config, "identity")
@@ -175,7 +177,6 @@ def test_a_replay_dataset_names_a_model_that_exists():
         cfg.check(config)
 
 
-
 def test_cli_works_without_snakemake_and_provenance_without_git(tmp_path, monkeypatch):
     """The GPU machine has neither (bench/gpu_check.sh runs `snaketune train` there): the CLI then checks
     the config with the dataclasses alone, and provenance records an unknown commit instead of failing."""
@@ -187,8 +188,10 @@ def test_cli_works_without_snakemake_and_provenance_without_git(tmp_path, monkey
     spec = {"name": "N", "owner": "O", "answers": {"en": "I am {name}"}, "questions": {"en": ["Who?"]}, "copies": 2}
     path = tiny_config(tmp_path / "c.yaml", dataset={"generator": "self_cognition", "spec": spec})
     out = tmp_path / "d.jsonl"
-    code = ("import sys; sys.modules['snakemake'] = None; from snaketune.cli import main; "
-            f"main(['generate-data', '--config', {path!r}, '--output', {str(out)!r}])")
+    code = (
+        "import sys; sys.modules['snakemake'] = None; from snaketune.cli import main; "
+        f"main(['generate-data', '--config', {path!r}, '--output', {str(out)!r}])"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "snakemake is not installed" in res.stderr and len(read_jsonl(out)) == 2

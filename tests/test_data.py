@@ -28,18 +28,27 @@ def test_alpaca_follows_xtuner_map_fn():
 
 def test_oasst1_splits_turns_and_drops_trailing_human():
     text = "### Human: Q1### Assistant: A1### Human: Q2### Assistant: A2### Human: dangling"
-    assert conv("oasst1", [{"text": text}]) == [[
-        {"system": "", "input": "Q1", "output": "A1"}, {"system": "", "input": "Q2", "output": "A2"}]]
+    assert conv("oasst1", [{"text": text}]) == [
+        [{"system": "", "input": "Q1", "output": "A1"}, {"system": "", "input": "Q2", "output": "A2"}]
+    ]
 
 
 def test_openai_joins_users_skips_leading_assistant_and_keeps_loss_flag():
-    msgs = [{"role": "assistant", "content": "ignored"}, {"role": "system", "content": "S"},
-            {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-            {"role": "assistant", "content": "A1", "loss": False},
-            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-    assert conv("openai", [{"messages": msgs}]) == [[
-        {"system": "S", "input": "ab", "output": "A1", "output_with_loss": False},
-        {"system": "", "input": "Q2", "output": "A2"}]]
+    msgs = [
+        {"role": "assistant", "content": "ignored"},
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "A1", "loss": False},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    assert conv("openai", [{"messages": msgs}]) == [
+        [
+            {"system": "S", "input": "ab", "output": "A1", "output_with_loss": False},
+            {"system": "", "input": "Q2", "output": "A2"},
+        ]
+    ]
 
 
 def test_xtuner_fixture_data_validates():
@@ -48,25 +57,34 @@ def test_xtuner_fixture_data_validates():
     assert len(out) == 16 and out[0]["conversation"][0]["system"] == "你是青松的小助手。"
 
 
-@pytest.mark.parametrize("fmt, record, index, field", [
-    ("xtuner", {"conversations": []}, 1, "conversation"),
-    ("xtuner", {"conversation": [{"input": "q"}]}, 1, "conversation[0].output"),
-    ("xtuner", {"conversation": [{"input": "q", "output": 3}]}, 1, "conversation[0].output"),
-    ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": "yes"}]}, 1,
-     "conversation[0].output_with_loss"),
-    ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": False}]}, 1, "conversation"),
-    ("xtuner", {"conversation": [{"input": "q", "output": "a"}], "loss": "mse"}, 1, "loss"),
-    ("alpaca", {"input": "x", "output": "y"}, 1, "instruction"),
-    ("oasst1", {"txt": "### Human: hi"}, 1, "text"),
-    ("openai", {"messages": [{"role": "user"}]}, 1, "messages[0].content"),
-    ("openai", {"messages": [{"role": "robot", "content": "x"}]}, 1, "messages[0].role"),
-    ("openai", {"msgs": []}, 1, "messages"),
-])
+@pytest.mark.parametrize(
+    "fmt, record, index, field",
+    [
+        ("xtuner", {"conversations": []}, 1, "conversation"),
+        ("xtuner", {"conversation": [{"input": "q"}]}, 1, "conversation[0].output"),
+        ("xtuner", {"conversation": [{"input": "q", "output": 3}]}, 1, "conversation[0].output"),
+        (
+            "xtuner",
+            {"conversation": [{"input": "q", "output": "a", "output_with_loss": "yes"}]},
+            1,
+            "conversation[0].output_with_loss",
+        ),
+        ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": False}]}, 1, "conversation"),
+        ("xtuner", {"conversation": [{"input": "q", "output": "a"}], "loss": "mse"}, 1, "loss"),
+        ("alpaca", {"input": "x", "output": "y"}, 1, "instruction"),
+        ("oasst1", {"txt": "### Human: hi"}, 1, "text"),
+        ("openai", {"messages": [{"role": "user"}]}, 1, "messages[0].content"),
+        ("openai", {"messages": [{"role": "robot", "content": "x"}]}, 1, "messages[0].role"),
+        ("openai", {"msgs": []}, 1, "messages"),
+    ],
+)
 def test_malformed_record_names_file_record_field_and_fix(fmt, record, index, field):
-    good = {"xtuner": {"conversation": [{"input": "q", "output": "a"}]},
-            "alpaca": {"instruction": "i", "output": "o"},
-            "oasst1": {"text": "### Human: q### Assistant: a"},
-            "openai": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}}[fmt]
+    good = {
+        "xtuner": {"conversation": [{"input": "q", "output": "a"}]},
+        "alpaca": {"instruction": "i", "output": "o"},
+        "oasst1": {"text": "### Human: q### Assistant: a"},
+        "openai": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    }[fmt]
     with pytest.raises(DataError) as err:
         list(convert([good, record], fmt, "data/my.json"))
     msg = str(err.value)
@@ -112,21 +130,41 @@ def test_write_jsonl_and_json_round_trip(tmp_path):
 
 def test_hub_dataset_offline_fails_with_the_local_way_out(tmp_path):
     config = tiny_config(tmp_path / "c.yaml", dataset={"format": "alpaca", "hub": "tatsu-lab/alpaca"})
-    res = run_cli("convert-data", "--config", config, "--output", tmp_path / "o.json", check=False,
-                  env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
+    res = run_cli(
+        "convert-data",
+        "--config",
+        config,
+        "--output",
+        tmp_path / "o.json",
+        check=False,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        timeout=300,
+    )
     assert res.returncode != 0
     assert "set the dataset's 'path' to the local file" in res.stderr
     assert not (tmp_path / "o.json").exists()
 
 
 def test_self_cognition_answers_each_question_in_its_language():
-    recs = self_cognition(name="Snaky", owner="青松", answers={"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
-                          questions={"zh": ["你是谁"], "en": ["Who are you?"]}, copies=3, seed=1)
+    recs = self_cognition(
+        name="Snaky",
+        owner="青松",
+        answers={"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
+        questions={"zh": ["你是谁"], "en": ["Who are you?"]},
+        copies=3,
+        seed=1,
+    )
     assert len(recs) == 6
     pairs = {(r["conversation"][0]["input"], r["conversation"][0]["output"]) for r in recs}
     assert pairs == {("你是谁", "我是青松的小助手Snaky"), ("Who are you?", "I am Snaky")}
-    again = self_cognition(name="Snaky", owner="青松", answers={"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
-                           questions={"zh": ["你是谁"], "en": ["Who are you?"]}, copies=3, seed=1)
+    again = self_cognition(
+        name="Snaky",
+        owner="青松",
+        answers={"zh": "我是{owner}的小助手{name}", "en": "I am {name}"},
+        questions={"zh": ["你是谁"], "en": ["Who are you?"]},
+        copies=3,
+        seed=1,
+    )
     assert recs == again  # seeded
 
 

@@ -15,8 +15,9 @@ from snaketune.cli import main
 from .helpers import ROOT, TINY_BASE, tiny_config
 
 BOS, EOS = 0, 2
-PRESETS = sorted(p.removesuffix(".yaml") for p in (p.name for p in (ROOT / "config" / "presets").iterdir())
-                 if p.endswith(".yaml"))
+PRESETS = sorted(
+    p.removesuffix(".yaml") for p in (p.name for p in (ROOT / "config" / "presets").iterdir()) if p.endswith(".yaml")
+)
 CHATML = "<|im_start|>{role}\n{text}<|im_end|>\n"
 
 
@@ -41,8 +42,11 @@ def tok():
 def experiment(tmp_path, records, fmt="xtuner", **train) -> str:
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records, ensure_ascii=False))
-    return tiny_config(tmp_path / "config.yaml", dataset={"format": fmt, "path": str(data)},
-                       train={"template": "internlm2_chat", **train})
+    return tiny_config(
+        tmp_path / "config.yaml",
+        dataset={"format": fmt, "path": str(data)},
+        train={"template": "internlm2_chat", **train},
+    )
 
 
 # ---------------------------------------------------------------- presets
@@ -73,18 +77,30 @@ def test_copy_cfg_copies_and_never_overwrites(capsys, tmp_path):
 def test_check_reports_lengths_truncation_and_nothing_to_learn(capsys, tmp_path, monkeypatch, tok):
     monkeypatch.chdir(tmp_path)
     long = " ".join(["word"] * 100)  # 100 tokens: far beyond max_length 64
-    records = ([{"conversation": [{"input": f"Question {i}?", "output": f"Answer {i}."}]} for i in range(4)]
-               + [{"conversation": [{"input": "Tell a story.", "output": long}]} for _ in range(2)]
-               + [{"conversation": [{"input": long, "output": "Short."}]}])
+    records = (
+        [{"conversation": [{"input": f"Question {i}?", "output": f"Answer {i}."}]} for i in range(4)]
+        + [{"conversation": [{"input": "Tell a story.", "output": long}]} for _ in range(2)]
+        + [{"conversation": [{"input": long, "output": "Short."}]}]
+    )
     config = experiment(tmp_path, records, max_length=64)
     code, out = run(capsys, "check-custom-dataset", "--config", config)
     assert code == 0, out
     assert "7 records, 7 valid, 0 invalid" in out
     assert "3 of 7 records are longer than max_length 64" in out
     assert "1 of 7 records have nothing to learn" in out
-    lengths = [1 + len(tok.encode(CHATML.format(role="user", text=r["conversation"][0]["input"])
-                                  + "<|im_start|>assistant\n" + r["conversation"][0]["output"] + "<|im_end|>\n",
-                                  add_special_tokens=False)) for r in records]
+    lengths = [
+        1
+        + len(
+            tok.encode(
+                CHATML.format(role="user", text=r["conversation"][0]["input"])
+                + "<|im_start|>assistant\n"
+                + r["conversation"][0]["output"]
+                + "<|im_end|>\n",
+                add_special_tokens=False,
+            )
+        )
+        for r in records
+    ]
     assert f"min {min(lengths)}," in out and f"max {max(lengths)}" in out
     bars = re.findall(r"^\s+\d+-\d+\s+\| #* (\d+)$", out, re.MULTILINE)
     assert len(bars) > 1 and sum(map(int, bars)) == 7
@@ -94,13 +110,17 @@ def test_check_reports_lengths_truncation_and_nothing_to_learn(capsys, tmp_path,
 def test_check_names_file_record_and_field_of_bad_records_and_fails(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "alpaca.json"
-    bad.write_text(json.dumps([
-        {"instruction": "Say hi", "output": "hi"},
-        {"instruction": "No output"},
-        {"instruction": "Number", "output": 3},
-        ["not", "an", "object"],
-        {"instruction": "Dropped, as XTuner drops it", "output": "<nooutput>"},
-    ]))
+    bad.write_text(
+        json.dumps(
+            [
+                {"instruction": "Say hi", "output": "hi"},
+                {"instruction": "No output"},
+                {"instruction": "Number", "output": 3},
+                ["not", "an", "object"],
+                {"instruction": "Dropped, as XTuner drops it", "output": "<nooutput>"},
+            ]
+        )
+    )
     config = experiment(tmp_path, [{"conversation": [{"input": "Q", "output": "A"}]}])
     code, out = run(capsys, "check-custom-dataset", "--config", config, "--data", bad, "--format", "alpaca")
     assert code == 1
@@ -113,8 +133,9 @@ def test_check_names_file_record_and_field_of_bad_records_and_fails(capsys, tmp_
 
 def test_check_fails_when_nothing_can_be_learned(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = experiment(tmp_path, [{"conversation": [{"input": " ".join(["word"] * 100), "output": "A"}]}],
-                        max_length=32)
+    config = experiment(
+        tmp_path, [{"conversation": [{"input": " ".join(["word"] * 100), "output": "A"}]}], max_length=32
+    )
     code, out = run(capsys, "check-custom-dataset", "--config", config)
     assert code == 1 and "1 of 1 records have nothing to learn" in out and "nothing to train on" in out
 
@@ -124,19 +145,31 @@ def test_check_fails_when_nothing_can_be_learned(capsys, tmp_path, monkeypatch):
 
 def test_log_dataset_marks_exactly_the_supervised_tokens(capsys, tmp_path, monkeypatch, tok):
     monkeypatch.chdir(tmp_path)
-    records = [{"conversation": [{"system": "S", "input": "Q1", "output": "A1", "output_with_loss": False},
-                                 {"input": "Q2", "output": "A2"}]},
-               {"conversation": [{"input": "Q3", "output": "A3"}]}]
+    records = [
+        {
+            "conversation": [
+                {"system": "S", "input": "Q1", "output": "A1", "output_with_loss": False},
+                {"input": "Q2", "output": "A2"},
+            ]
+        },
+        {"conversation": [{"input": "Q3", "output": "A3"}]},
+    ]
     config = experiment(tmp_path, records)
     code, out = run(capsys, "log-dataset", "--config", config)
     assert code == 0
     assert out.count(", record ") == 1  # -n 1 by default
-    assert ("<|endoftext|>" + CHATML.format(role="system", text="S") + CHATML.format(role="user", text="Q1")
-            + "<|im_start|>assistant\nA1<|im_end|>\n"  # output_with_loss false: not supervised
-            + CHATML.format(role="user", text="Q2") + "<|im_start|>assistant\n⟦A2<|im_end|>⟧\n") in out
+    assert (
+        "<|endoftext|>"
+        + CHATML.format(role="system", text="S")
+        + CHATML.format(role="user", text="Q1")
+        + "<|im_start|>assistant\nA1<|im_end|>\n"  # output_with_loss false: not supervised
+        + CHATML.format(role="user", text="Q2")
+        + "<|im_start|>assistant\n⟦A2<|im_end|>⟧\n"
+    ) in out
 
-    code, out = run(capsys, "log-dataset", "--config", config, "--set", "train.template=default", "-n", 2,
-                    "--show", "all")
+    code, out = run(
+        capsys, "log-dataset", "--config", config, "--set", "train.template=default", "-n", 2, "--show", "all"
+    )
     assert out.count(", record ") == 2
     assert "<|endoftext|><|User|>:Q3\n<|Bot|>:⟦A3<|im_end|>⟧\n" in out  # default: EOS appended, supervised
     ids = [BOS] + tok.encode("<|User|>:Q3\n<|Bot|>:", add_special_tokens=False)

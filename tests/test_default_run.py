@@ -26,7 +26,11 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     snakemake(wd, "final_model")
     summary = json.loads((wd / "results/identity/evaluation.json").read_text())
     assert {t["metric"]: t["passed"] for t in summary["thresholds"]} == {
-        "identity_trained": True, "identity_heldout": True, "leakage": True, "retention": True}
+        "identity_trained": True,
+        "identity_heldout": True,
+        "leakage": True,
+        "retention": True,
+    }
     assert summary["identity_heldout"]["finetuned"] >= 0.9 and summary["identity_heldout"]["n"] >= 10
     assert summary["identity_trained"]["finetuned"] == 1.0
     assert summary["identity_trained"]["base"] == summary["identity_heldout"]["base"] == 0.0
@@ -43,7 +47,8 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     # the answers it was trained on end with the end-of-turn (require_stop is off: see config.yaml)
     assert all(r["finetuned_stopped"] for r in identity if r["in_training_data"])
     assert [r["prompt"] for r in rows if r["set"] == "general"] == [
-        q.question for q in evalsets.load("general", split="eval")]
+        q.question for q in evalsets.load("general", split="eval")
+    ]
     # evaluation-only questions never reached the training data
     heldout = {q.question for q in evalsets.load("general", split="eval")}
     data = json.loads((wd / "results/data/mixed/identity/data.json").read_text())
@@ -51,7 +56,8 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     # the replay records (96 x 2.5) are the ones trained with the kl loss
     replay = json.loads((wd / "results/data/replay/general_replay.json").read_text())
     assert [r.get("loss") for r in data] == [None] * (len(data) - round(2.5 * len(replay))) + ["kl"] * round(
-        2.5 * len(replay))
+        2.5 * len(replay)
+    )
     assert planned_rules(snakemake(wd, "-n", "final_model")) == set()
 
     summary = json.loads((wd / "results/identity/training.json").read_text())

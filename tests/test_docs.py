@@ -33,13 +33,19 @@ def fenced_commands(text: str, languages: tuple[str, ...] = ("bash",)) -> list[s
 
 def doc_commands(program: str, languages: tuple[str, ...] = ("bash",)) -> list[tuple[str, str]]:
     """(doc, command) for every command that starts with ``program`` in README.md and docs/*.md."""
-    return [(path.relative_to(ROOT).as_posix(), command) for path in DOCS
-            for command in fenced_commands(path.read_text(), languages) if command.startswith(f"{program} ")]
+    return [
+        (path.relative_to(ROOT).as_posix(), command)
+        for path in DOCS
+        for command in fenced_commands(path.read_text(), languages)
+        if command.startswith(f"{program} ")
+    ]
 
 
 def test_the_parser_reads_continuations_comments_and_prompts():
-    text = "```bash\nsnakemake -n final_model   # the plan\nsnakemake a \\\n    b\n```\n" \
-           "```console\n$ snaketune list-cfg\nout\n```\n```python\nsnakemake = 1\n```\n"
+    text = (
+        "```bash\nsnakemake -n final_model   # the plan\nsnakemake a \\\n    b\n```\n"
+        "```console\n$ snaketune list-cfg\nout\n```\n```python\nsnakemake = 1\n```\n"
+    )
     assert fenced_commands(text) == ["snakemake -n final_model", "snakemake a      b"]
     assert fenced_commands(text, ("console",)) == ["snaketune list-cfg", "out"]
 
@@ -66,7 +72,7 @@ def test_every_snakemake_command_of_the_docs_runs_as_printed(tmp_path):
 def _block_after(doc: Path, heading: str) -> str:
     """The first ```bash block after a heading of a doc, continuation lines joined."""
     text = doc.read_text()
-    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
     return block.replace("\\\n", " ")
 
 
@@ -76,17 +82,31 @@ def test_preset_commands_plan_every_step_as_printed(tmp_path):
     run: every step is planned (an earlier text put the target after --configfile, which took it
     for a config file)."""
     wd = copy_workflow(tmp_path / "wf")
-    documented = [line for line in _block_after(ROOT / "docs/gpu.md", "## XTuner's presets").splitlines()
-                  if line.startswith("snakemake ")]
-    headers = [p.read_text().splitlines()[1].lstrip("# ").strip() for p in sorted((wd / "config/presets").glob("*.yaml"))]
+    documented = [
+        line
+        for line in _block_after(ROOT / "docs/gpu.md", "## XTuner's presets").splitlines()
+        if line.startswith("snakemake ")
+    ]
+    headers = [
+        p.read_text().splitlines()[1].lstrip("# ").strip() for p in sorted((wd / "config/presets").glob("*.yaml"))
+    ]
     assert len(documented) == 1 and len(headers) == 3
     for command in documented + headers:
         argv = shlex.split(command)
         assert argv[0] == "snakemake"
         res = subprocess.run([*SNAKEMAKE, *argv[1:], "-n"], cwd=wd, capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
-        assert planned_rules(res) == {"fetch_model", "convert_data", "check_data", "train", "pth_to_hf", "merge",
-                                      "evaluate", "report_experiment", "final_model"}, command
+        assert planned_rules(res) == {
+            "fetch_model",
+            "convert_data",
+            "check_data",
+            "train",
+            "pth_to_hf",
+            "merge",
+            "evaluate",
+            "report_experiment",
+            "final_model",
+        }, command
 
 
 def schema_keys(schema: dict) -> set[str]:
@@ -124,15 +144,26 @@ def documented_keys(text: str) -> set[str]:
 def test_the_configuration_reference_names_every_schema_key_and_no_other():
     schema = schema_keys(yaml.safe_load((ROOT / "config/schema.yaml").read_text()))
     documented = documented_keys((ROOT / "docs/configuration.md").read_text())
-    assert {"run", "experiments.<name>.train.lora.r", "datasets.<name>.spec.unfinished",
-            "experiments.<name>.dataset[].loss"} <= schema
-    assert not schema - documented, f"keys of config/schema.yaml missing in docs/configuration.md: {sorted(schema - documented)}"
-    assert not documented - schema, f"keys in docs/configuration.md that config/schema.yaml lacks: {sorted(documented - schema)}"
+    assert {
+        "run",
+        "experiments.<name>.train.lora.r",
+        "datasets.<name>.spec.unfinished",
+        "experiments.<name>.dataset[].loss",
+    } <= schema
+    assert not schema - documented, (
+        f"keys of config/schema.yaml missing in docs/configuration.md: {sorted(schema - documented)}"
+    )
+    assert not documented - schema, (
+        f"keys in docs/configuration.md that config/schema.yaml lacks: {sorted(documented - schema)}"
+    )
 
 
 def test_every_cited_result_file_exists():
-    cited = {(path.relative_to(ROOT).as_posix(), name) for path in DOCS
-             for name in re.findall(r"bench/results/[\w.-]*\w", path.read_text())}
+    cited = {
+        (path.relative_to(ROOT).as_posix(), name)
+        for path in DOCS
+        for name in re.findall(r"bench/results/[\w.-]*\w", path.read_text())
+    }
     assert any(doc == "docs/benchmarks.md" for doc, _ in cited)
     missing = sorted((doc, name) for doc, name in cited if not (ROOT / name).is_file())
     assert not missing, f"result files cited but not in bench/results/: {missing}"
@@ -152,8 +183,9 @@ def test_every_snaketune_subcommand_in_the_docs_is_real():
     found = snaketune_subcommands()
     assert {sub for _, sub in found} >= {"chat", "web", "train", "pth_to_hf", "merge", "list-cfg"}
     for sub in sorted({sub for _, sub in found}):
-        res = subprocess.run([sys.executable, "-m", "snaketune.cli", sub, "--help"], capture_output=True, text=True,
-                             check=False)
+        res = subprocess.run(
+            [sys.executable, "-m", "snaketune.cli", sub, "--help"], capture_output=True, text=True, check=False
+        )
         docs = sorted(doc for doc, s in found if s == sub)
         assert res.returncode == 0, f"`snaketune {sub}` ({', '.join(docs)}) is no subcommand:\n{res.stderr[-1500:]}"
 

@@ -33,12 +33,15 @@ TWO = [{"system": "SYS", "input": "Q1", "output": "A1"}, {"input": "Q2", "output
 
 def test_internlm2_chat_single_turn_is_chatml_with_suffix_supervised(tokenizer):
     got = encode_conversation(ONE, tokenizer, "internlm2_chat", 512)
-    want = expect(tokenizer, [
-        ([BOS], False),
-        ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("Hello!<|im_end|>", True),
-        ("\n", False),
-    ])
+    want = expect(
+        tokenizer,
+        [
+            ([BOS], False),
+            ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("Hello!<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert (got.input_ids, got.labels) == want
     # <|im_end|> is the EOS here: it is supervised exactly once, at the end of the answer
     sup = [t for t in got.labels if t != X]
@@ -48,44 +51,72 @@ def test_internlm2_chat_single_turn_is_chatml_with_suffix_supervised(tokenizer):
 
 def test_internlm2_chat_multi_turn_has_bos_only_once(tokenizer):
     got = encode_conversation(TWO, tokenizer, "internlm2_chat", 512)
-    want = expect(tokenizer, [
-        ([BOS], False),
-        ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n", False),
-        ("A1<|im_end|>", True), ("\n", False),
-        ("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", False),
-        ("A2<|im_end|>", True), ("\n", False),
-    ])
+    want = expect(
+        tokenizer,
+        [
+            ([BOS], False),
+            ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n", False),
+            ("A1<|im_end|>", True),
+            ("\n", False),
+            ("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", False),
+            ("A2<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
     assert (got.input_ids, got.labels) == want
     assert got.input_ids.count(BOS) == 1
 
 
 def test_default_template_appends_supervised_eos_and_bos_every_turn(tokenizer):
     got = encode_conversation(TWO, tokenizer, "default", 512)
-    want = expect(tokenizer, [
-        ([BOS], False), ("<|System|>:SYS\n<|User|>:Q1\n<|Bot|>:", False), ("A1", True), ([EOS], True), ("\n", False),
-        ([BOS], False), ("<|User|>:Q2\n<|Bot|>:", False), ("A2", True), ([EOS], True), ("\n", False),
-    ])
+    want = expect(
+        tokenizer,
+        [
+            ([BOS], False),
+            ("<|System|>:SYS\n<|User|>:Q1\n<|Bot|>:", False),
+            ("A1", True),
+            ([EOS], True),
+            ("\n", False),
+            ([BOS], False),
+            ("<|User|>:Q2\n<|Bot|>:", False),
+            ("A2", True),
+            ([EOS], True),
+            ("\n", False),
+        ],
+    )
     assert (got.input_ids, got.labels) == want
 
 
 def test_internlm_chat_suffix_is_the_eos(tokenizer):
     got = encode_conversation(ONE, tokenizer, "internlm_chat", 512)
-    want = expect(tokenizer, [
-        ([BOS], False), ("<|System|>:SYS\n<|User|>:Hi?<eoh>\n<|Bot|>:", False), ("Hello!<eoa>", True), ("\n", False),
-    ])
+    want = expect(
+        tokenizer,
+        [
+            ([BOS], False),
+            ("<|System|>:SYS\n<|User|>:Hi?<eoh>\n<|Bot|>:", False),
+            ("Hello!<eoa>", True),
+            ("\n", False),
+        ],
+    )
     assert (got.input_ids, got.labels) == want
     assert EOS not in got.input_ids
 
 
 def test_llama3_chat_has_no_separator(tokenizer):
     got = encode_conversation(ONE, tokenizer, "llama3_chat", 512)
-    want = expect(tokenizer, [
-        ([BOS], False),
-        ("<|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
-         "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
-         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
-        ("Hello!<|eot_id|>", True),
-    ])
+    want = expect(
+        tokenizer,
+        [
+            ([BOS], False),
+            (
+                "<|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                False,
+            ),
+            ("Hello!<|eot_id|>", True),
+        ],
+    )
     assert (got.input_ids, got.labels) == want
 
 
@@ -123,8 +154,17 @@ def test_bos_not_doubled_when_template_starts_with_it(tokenizer):
     try:
         got = encode_conversation(ONE, tokenizer, "internlm2_chat", 512)
         assert got.input_ids[:2] == [1, *enc(tokenizer, "system")[:1]]
-        assert encode_prompt("Hi?", tokenizer, "internlm2_chat", "SYS") == got.input_ids[: len(
-            enc(tokenizer, "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"))]
+        assert (
+            encode_prompt("Hi?", tokenizer, "internlm2_chat", "SYS")
+            == got.input_ids[
+                : len(
+                    enc(
+                        tokenizer,
+                        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n",
+                    )
+                )
+            ]
+        )
     finally:
         tokenizer.bos_token = "<|endoftext|>"
 
@@ -137,17 +177,22 @@ def test_prompt_encoding_matches_training_prefix(tokenizer):
 
 
 def test_tokenizer_chat_template_mode_masks_prompts(tokenizer):
-    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    chatml = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     tokenizer.chat_template = chatml
     try:
         got = encode_conversation(TWO, tokenizer, "tokenizer", 512)
-        want = expect(tokenizer, [
-            ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n", False),
-            ("A1<|im_end|>\n", True),
-            ("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", False),
-            ("A2<|im_end|>\n", True),
-        ])
+        want = expect(
+            tokenizer,
+            [
+                ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n", False),
+                ("A1<|im_end|>\n", True),
+                ("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", False),
+                ("A2<|im_end|>\n", True),
+            ],
+        )
         assert (got.input_ids, got.labels) == want
     finally:
         tokenizer.chat_template = None
@@ -166,8 +211,11 @@ def test_saved_chat_template_renders_like_training(tokenizer, name):
     t = get_template(name)
     tokenizer.chat_template = t.chat_template()
     try:
-        msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                {"role": "assistant", "content": "A"}]
+        msgs = [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"},
+        ]
         rendered = tokenizer.apply_chat_template(msgs, tokenize=False)
         eos = "" if t.suffix_as_eos else "<|im_end|>"  # the fixture tokenizer's EOS
         assert rendered == t.format_input("Q", "S") + t.format_output("A") + eos + t.sep

@@ -18,8 +18,11 @@ def test_every_error_type_of_the_package_is_in_errors_and_derives_from_the_base(
     for path in sorted(PACKAGE.rglob("*.py")):
         name = path.relative_to(PACKAGE).as_posix()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and name != "errors.py" and any(
-                    base.id.endswith(("Error", "Exception")) for base in node.bases if isinstance(base, ast.Name)):
+            if (
+                isinstance(node, ast.ClassDef)
+                and name != "errors.py"
+                and any(base.id.endswith(("Error", "Exception")) for base in node.bases if isinstance(base, ast.Name))
+            ):
                 defined_elsewhere.append(f"{name}.{node.name}")
     assert defined_elsewhere == []
     types = [t for t in vars(errors).values() if isinstance(t, type) and issubclass(t, Exception)]
@@ -28,13 +31,15 @@ def test_every_error_type_of_the_package_is_in_errors_and_derives_from_the_base(
 
 def test_a_snaketune_error_is_one_line_and_its_hint(capsys):
     with pytest.raises(SystemExit) as exit, job(None):
-        raise errors.CheckFailed("evaluation checks failed:\n- identity 50% below 90%\n- leakage 9% above 5%",
-                                 hint="see the log")
+        raise errors.CheckFailed(
+            "evaluation checks failed:\n- identity 50% below 90%\n- leakage 9% above 5%", hint="see the log"
+        )
     assert exit.value.code == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].endswith(
         "ERROR snaketune: CheckFailed: evaluation checks failed: identity 50% below 90%; leakage 9% above 5% "
-        "Hint: see the log")
+        "Hint: see the log"
+    )
 
 
 def test_a_hint_already_in_the_message_is_not_repeated():

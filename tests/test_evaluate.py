@@ -47,24 +47,27 @@ def chatty(tmp_path_factory):
 # ---------------------------------------------------------------- metrics on hand-made answers
 
 
-@pytest.mark.parametrize("answer,accepted,expected", [
-    ("The capital of France is Paris.", ["Paris"], True),
-    ("PARIS", ["paris"], True),  # case-insensitive
-    ("Parisian food is good.", ["Paris"], False),  # a whole word
-    ("There are 10 of them.", ["1"], False),  # "1" is not in "10"
-    ("It is 2.1 metres.", ["1"], False),  # nor in "2.1"
-    ("It is 1.", ["1"], True),  # a full stop after it is fine
-    ("A year has 12 months.", ["12", "twelve"], True),
-    ("A year has twelve months.", ["12", "twelve"], True),
-    ("一年有１２个月。", ["12"], True),  # NFKC: full-width digits
-    ("答案是12。", ["12"], True),  # a Chinese character next to it is a boundary
-    ("答案是十三。", ["三"], False),  # "三" is not in "十三"
-    ("答案是三。", ["三"], True),
-    ("中国的首都是北京。", ["北京"], True),  # Chinese words are found anywhere
-    ("Its formula is H₂O.", ["H2O"], True),  # NFKC: subscript two
-    ("Twenty  four hours.", ["twenty four"], True),  # runs of whitespace
-    ("Spring, of course.", ["autumn", "fall"], False),
-])
+@pytest.mark.parametrize(
+    "answer,accepted,expected",
+    [
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("PARIS", ["paris"], True),  # case-insensitive
+        ("Parisian food is good.", ["Paris"], False),  # a whole word
+        ("There are 10 of them.", ["1"], False),  # "1" is not in "10"
+        ("It is 2.1 metres.", ["1"], False),  # nor in "2.1"
+        ("It is 1.", ["1"], True),  # a full stop after it is fine
+        ("A year has 12 months.", ["12", "twelve"], True),
+        ("A year has twelve months.", ["12", "twelve"], True),
+        ("一年有１２个月。", ["12"], True),  # NFKC: full-width digits
+        ("答案是12。", ["12"], True),  # a Chinese character next to it is a boundary
+        ("答案是十三。", ["三"], False),  # "三" is not in "十三"
+        ("答案是三。", ["三"], True),
+        ("中国的首都是北京。", ["北京"], True),  # Chinese words are found anywhere
+        ("Its formula is H₂O.", ["H2O"], True),  # NFKC: subscript two
+        ("Twenty  four hours.", ["twenty four"], True),  # runs of whitespace
+        ("Spring, of course.", ["autumn", "fall"], False),
+    ],
+)
 def test_accepted_words(answer, accepted, expected):
     assert metrics.is_correct(answer, accepted) is expected
 
@@ -106,29 +109,74 @@ def hand_rows():
         {"in_training_data": False, "base_claims_identity": False, "finetuned_claims_identity": False},
     ]
     general = [
-        {"base_claims_identity": False, "finetuned_claims_identity": True, "base_correct": True,
-         "finetuned_correct": False, "base_nll": 1.0, "finetuned_nll": 2.0, "answer_tokens": 1},
-        {"base_claims_identity": False, "finetuned_claims_identity": False, "base_correct": True,
-         "finetuned_correct": True, "base_nll": 3.0, "finetuned_nll": 3.0, "answer_tokens": 3},
-        {"base_claims_identity": False, "finetuned_claims_identity": False, "base_correct": None,
-         "finetuned_correct": None, "base_nll": 0.0, "finetuned_nll": 4.0, "answer_tokens": 4},
-        {"base_claims_identity": False, "finetuned_claims_identity": False, "base_correct": False,
-         "finetuned_correct": True, "base_nll": 2.0, "finetuned_nll": 1.0, "answer_tokens": 2},
+        {
+            "base_claims_identity": False,
+            "finetuned_claims_identity": True,
+            "base_correct": True,
+            "finetuned_correct": False,
+            "base_nll": 1.0,
+            "finetuned_nll": 2.0,
+            "answer_tokens": 1,
+        },
+        {
+            "base_claims_identity": False,
+            "finetuned_claims_identity": False,
+            "base_correct": True,
+            "finetuned_correct": True,
+            "base_nll": 3.0,
+            "finetuned_nll": 3.0,
+            "answer_tokens": 3,
+        },
+        {
+            "base_claims_identity": False,
+            "finetuned_claims_identity": False,
+            "base_correct": None,
+            "finetuned_correct": None,
+            "base_nll": 0.0,
+            "finetuned_nll": 4.0,
+            "answer_tokens": 4,
+        },
+        {
+            "base_claims_identity": False,
+            "finetuned_claims_identity": False,
+            "base_correct": False,
+            "finetuned_correct": True,
+            "base_nll": 2.0,
+            "finetuned_nll": 1.0,
+            "answer_tokens": 2,
+        },
     ]
     return identity, general
 
 
 def test_summary_and_thresholds_on_hand_made_rows():
     summary = metrics.summarize(*hand_rows())
-    assert metrics.headline(summary) == pytest.approx({
-        "identity_trained": 1.0, "identity_heldout": 0.5, "leakage": 0.25, "retention": 0.5,
-        "nll_drift": (2 + 3 + 4 + 1) / 10 - (1 + 3 + 0 + 2) / 10})
+    assert metrics.headline(summary) == pytest.approx(
+        {
+            "identity_trained": 1.0,
+            "identity_heldout": 0.5,
+            "leakage": 0.25,
+            "retention": 0.5,
+            "nll_drift": (2 + 3 + 4 + 1) / 10 - (1 + 3 + 0 + 2) / 10,
+        }
+    )
     assert summary["identity_heldout"] == {"base": 0.0, "finetuned": 0.5, "n": 2}
-    checks = metrics.check_thresholds(metrics.headline(summary), {
-        "min_identity_trained": 1.0, "min_identity_heldout": 0.9, "max_leakage": 0.05, "min_retention": None,
-        "max_nll_drift": 0.5})
+    checks = metrics.check_thresholds(
+        metrics.headline(summary),
+        {
+            "min_identity_trained": 1.0,
+            "min_identity_heldout": 0.9,
+            "max_leakage": 0.05,
+            "min_retention": None,
+            "max_nll_drift": 0.5,
+        },
+    )
     assert [(c["metric"], c["passed"]) for c in checks] == [
-        ("identity_trained", True), ("identity_heldout", False), ("leakage", False), ("nll_drift", True)]
+        ("identity_trained", True),
+        ("identity_heldout", False),
+        ("leakage", False),
+        ("nll_drift", True),
+    ]
     assert checks[1]["message"] == "identity_heldout = 0.5 is below the threshold min_identity_heldout = 0.9"
     assert checks[2]["message"] == "leakage = 0.25 is above the threshold max_leakage = 0.05"
     # a threshold on a metric nobody could measure is not met
@@ -146,8 +194,13 @@ def test_every_threshold_is_a_config_setting():
 
 def test_batched_greedy_equals_one_at_a_time(chatty):
     tokenizer, model = load_tokenizer(chatty), load_base(chatty, "float32")
-    prompts = ["Hi", "What is the capital of France?", "你是谁", "Translate apple into Chinese, please, now.",
-               "Name a color of the rainbow."]
+    prompts = [
+        "Hi",
+        "What is the capital of France?",
+        "你是谁",
+        "Translate apple into Chinese, please, now.",
+        "Name a color of the rainbow.",
+    ]
     one = generate_answers(model, tokenizer, TEMPLATE, prompts, max_new_tokens=8, batch_size=1)
     batched = generate_answers(model, tokenizer, TEMPLATE, prompts, max_new_tokens=8, batch_size=4)
     assert len({len(tokenizer.encode(p)) for p in prompts}) >= 4  # the batch really is padded
@@ -193,15 +246,22 @@ def test_likelihood_drift_equals_a_hand_computation(tmp_path):
     base = load_base(TINY_BASE, "float32")
     tuned_dir = build_model(tmp_path / "tuned", 0.02, seed=1)  # another random model of the same shape
     tuned = load_base(tuned_dir, "float32")
-    texts = {"What is the capital of France?": "Paris.", "你是谁": "我是青松的小助手Snaky！",
-             "Hi": "Hello! How can I help you today?"}
-    answers = [Answer(q, a, True, 0, tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eos_token_id])
-               for q, a in texts.items()]
+    texts = {
+        "What is the capital of France?": "Paris.",
+        "你是谁": "我是青松的小助手Snaky！",
+        "Hi": "Hello! How can I help you today?",
+    }
+    answers = [
+        Answer(q, a, True, 0, tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eos_token_id])
+        for q, a in texts.items()
+    ]
     by_model = {}
     for name, model in (("base", base), ("tuned", tuned)):
         got = answer_nll(model, tokenizer, TEMPLATE, answers, batch_size=3)  # one right-padded batch
-        expected = [(hand_nll(model, encode_prompt(a.prompt, tokenizer, TEMPLATE), a.token_ids), len(a.token_ids))
-                    for a in answers]
+        expected = [
+            (hand_nll(model, encode_prompt(a.prompt, tokenizer, TEMPLATE), a.token_ids), len(a.token_ids))
+            for a in answers
+        ]
         assert [n for _, n in got] == [n for _, n in expected]
         assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], rel=1e-4)
         by_model[name] = expected
@@ -220,14 +280,17 @@ def test_replay_records_keep_cut_off_answers_open_or_drop_them():
     records, counts = replay_records(answers, system="S")
     assert [r["conversation"] for r in records] == [
         [{"system": "S", "input": "Q1", "output": "Paris."}],
-        [{"system": "S", "input": "Q2", "output": "It is 9.2 km long. And then it", "end_of_turn": False}]]
+        [{"system": "S", "input": "Q2", "output": "It is 9.2 km long. And then it", "end_of_turn": False}],
+    ]
     assert counts == {"stopped": 1, "open": 1, "dropped": 1}
     records, counts = replay_records(answers, unfinished="drop")
     assert [r["conversation"][0]["input"] for r in records] == ["Q1"] and counts["dropped"] == 2
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.mark.parametrize("template", [TEMPLATE, "tokenizer"])
@@ -242,10 +305,10 @@ def test_a_cut_off_answer_is_trained_without_an_end_of_turn(tokenizer, template)
     cut = encode_conversation([{**turn, "end_of_turn": False}], tokenizer, template, 256)
     answer = tokenizer.encode(turn["output"], add_special_tokens=False)
     # the same tokens up to the end of the answer, and nothing after it: no <|im_end|>, no EOS, no separator
-    assert cut.input_ids == closed.input_ids[:len(cut.input_ids)] and cut.input_ids[-len(answer):] == answer
+    assert cut.input_ids == closed.input_ids[: len(cut.input_ids)] and cut.input_ids[-len(answer) :] == answer
     assert [t for t in cut.labels if t != IGNORE_INDEX] == answer
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end in [t for t in closed.labels if t != IGNORE_INDEX] and end not in cut.input_ids[-len(answer):]
+    assert end in [t for t in closed.labels if t != IGNORE_INDEX] and end not in cut.input_ids[-len(answer) :]
 
 
 def test_only_a_last_turn_may_be_cut_off():
@@ -290,8 +353,15 @@ def test_evaluation_only_questions_in_training_data_fail_before_any_model_is_loa
     leaked = evalsets.load("general", split="eval")[0].question
     out = {f"out_{k}": tmp_path / f"e.{k}" for k in ("jsonl", "md", "summary")}
     with pytest.raises(CheckFailed, match="evaluation-only question.*in the training data"):
-        evaluate(tmp_path / "no-model", tmp_path / "no-adapter", tmp_path / "no-merged", EvaluationConfig(),
-                 template=TEMPLATE, trained_prompts={"你是谁", leaked.upper() + " "}, **out)
+        evaluate(
+            tmp_path / "no-model",
+            tmp_path / "no-adapter",
+            tmp_path / "no-merged",
+            EvaluationConfig(),
+            template=TEMPLATE,
+            trained_prompts={"你是谁", leaked.upper() + " "},
+            **out,
+        )
 
 
 # ---------------------------------------------------------------- through snakemake
@@ -304,8 +374,10 @@ def mixed_run(tmp_path_factory, chatty):
     wd = copy_workflow(tmp_path_factory.mktemp("mixed"))
     config = copy.deepcopy(TINY_CONFIG)
     config["models"]["chatty"] = {"source": "local", "path": str(chatty)}
-    config["datasets"]["replay"] = {"generator": "replay", "spec": {
-        "model": "chatty", "template": TEMPLATE, "max_new_tokens": 6, "batch_size": 32}}
+    config["datasets"]["replay"] = {
+        "generator": "replay",
+        "spec": {"model": "chatty", "template": TEMPLATE, "max_new_tokens": 6, "batch_size": 32},
+    }
     exp = config["experiments"]["tiny"]
     exp["dataset"] = ["sc", {"name": "replay", "repeat": 0.5, "loss": "kl"}]
     exp["train"].update(save_steps=1000, evaluation_freq=1000)
@@ -321,19 +393,26 @@ def test_replay_rule_writes_the_models_own_answers_to_training_questions_only(mi
     train = [q.question for q in evalsets.load("general", split="train")]
     # the answers of the model as QLoRA training sees it (the spec's default quantization: nf4), loaded here
     # with transformers' own 4-bit settings, one question at a time
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     model = AutoModelForCausalLM.from_pretrained(chatty, dtype=torch.float32, quantization_config=nf4)
     tokenizer = load_tokenizer(chatty)
     expected = generate_answers(model, tokenizer, TEMPLATE, train, max_new_tokens=6)
     # not the unquantized model's, which would teach the adapter to undo the 4-bit rounding (batched: equal
     # to one at a time, test_batched_greedy_equals_one_at_a_time)
-    unquantized = generate_answers(load_base(chatty, "float32"), tokenizer, TEMPLATE, train, max_new_tokens=6,
-                                   batch_size=32)
+    unquantized = generate_answers(
+        load_base(chatty, "float32"), tokenizer, TEMPLATE, train, max_new_tokens=6, batch_size=32
+    )
     assert [a.answer for a in unquantized] != [a.answer for a in expected]
     assert [r["conversation"][0] for r in records] == [
         {"system": "", "input": a.prompt, "output": a.answer, **({} if a.stopped else {"end_of_turn": False})}
-        for a in expected if a.answer]
+        for a in expected
+        if a.answer
+    ]
     assert len(records) > len(train) // 2
     assert (wd / "benchmarks/replay_data/replay.tsv").exists() and (wd / "logs/replay_data/replay.log").exists()
 
@@ -346,15 +425,19 @@ def test_mixture_record_counts_and_provenance(mixed_run):
     assert len(data) == 12 + round(len(replay) / 2)  # the identity data (6 questions x 2 copies) + half the replay
     sources = json.loads((wd / "results/data/mixed/tiny/sources.json").read_text())
     assert [(d["name"], d["records"], d["repeat"], d["used"], d["loss"]) for d in sources["datasets"]] == [
-        ("sc", 12, 1.0, 12, "ce"), ("replay", len(replay), 0.5, round(len(replay) / 2), "kl")]
+        ("sc", 12, 1.0, 12, "ce"),
+        ("replay", len(replay), 0.5, round(len(replay) / 2), "kl"),
+    ]
     # the replay records are marked for the kl loss, the identity records are not
     assert [r.get("loss") for r in data] == [None] * 12 + ["kl"] * round(len(replay) / 2)
     assert all({**r, "loss": "kl"} in [{**x, "loss": "kl"} for x in replay] for r in data[12:])
     assert sources["datasets"][1]["file"] == "results/data/replay/replay.json"
     prov = json.loads((wd / "results/tiny/provenance.json").read_text())
     assert prov["config"]["dataset"] == ["sc", "replay"]
-    assert prov["config"]["mixture"] == [{"name": "sc", "repeat": 1.0, "loss": "ce"},
-                                         {"name": "replay", "repeat": 0.5, "loss": "kl"}]
+    assert prov["config"]["mixture"] == [
+        {"name": "sc", "repeat": 1.0, "loss": "ce"},
+        {"name": "replay", "repeat": 0.5, "loss": "kl"},
+    ]
     assert prov["config"]["mixture_sources"] == sources
     assert prov["config"]["dataset_entries"]["replay"]["generator"] == "replay"
     trained = json.loads((wd / "results/tiny/training.json").read_text())["data"]
@@ -365,8 +448,11 @@ def test_mixture_record_counts_and_provenance(mixed_run):
 def test_evaluation_only_questions_never_reach_training_data(mixed_run):
     wd, _ = mixed_run
     heldout = {metrics.normalise(q.question) for q in evalsets.load("general", split="eval")}
-    inputs = {metrics.normalise(t["input"]) for r in json.loads((wd / "results/data/mixed/tiny/data.json").read_text())
-              for t in r["conversation"]}
+    inputs = {
+        metrics.normalise(t["input"])
+        for r in json.loads((wd / "results/data/mixed/tiny/data.json").read_text())
+        for t in r["conversation"]
+    }
     assert inputs and not inputs & heldout
 
 

@@ -43,7 +43,8 @@ def test_pth_to_hf_writes_a_peft_adapter_that_peft_loads(checkpoint, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (8, 16, "LORA")
     assert sorted(cfg["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # all linear but lm_head
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # all linear but lm_head
     model = PeftModel.from_pretrained(base_model(), out)
     state = read_lora_state(checkpoint)
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
@@ -83,8 +84,11 @@ def test_merged_model_equals_base_plus_adapter(checkpoint, tmp_path):
     tok = AutoTokenizer.from_pretrained(merged)
     text = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False)
     assert text == "<|endoftext|><|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
-    assert 2 in plain.generation_config.eos_token_id if isinstance(plain.generation_config.eos_token_id, list) \
+    assert (
+        2 in plain.generation_config.eos_token_id
+        if isinstance(plain.generation_config.eos_token_id, list)
         else plain.generation_config.eos_token_id == 2
+    )
 
 
 def test_all_zero_or_empty_adapter_fails_loudly(checkpoint):
@@ -101,7 +105,15 @@ def test_cli_reads_the_train_summary_and_refuses_a_missing_checkpoint(checkpoint
     summary.write_text(json.dumps({"checkpoint": checkpoint}))
     run_cli("pth_to_hf", "--lora", json.dumps(asdict(LORA)), "--base-model", TINY_BASE, summary, tmp_path / "a")
     assert (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
-    res = run_cli("pth_to_hf", "--lora", json.dumps(asdict(LORA)), "--base-model", TINY_BASE, tmp_path / "nope.pth",
-                  tmp_path / "b", check=False)
+    res = run_cli(
+        "pth_to_hf",
+        "--lora",
+        json.dumps(asdict(LORA)),
+        "--base-model",
+        TINY_BASE,
+        tmp_path / "nope.pth",
+        tmp_path / "b",
+        check=False,
+    )
     assert res.returncode != 0 and "nope.pth does not exist" in res.stderr
     assert not (tmp_path / "b").exists()

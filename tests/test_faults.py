@@ -26,15 +26,26 @@ from snaketune.lora_state import read_lora_state
 from snaketune.merge import merge
 from snaketune.provenance import model_hash, sha256_file
 
-from .helpers import (TINY_BASE, TINY_CONFIG, XTUNER, copy_workflow, interrupted_copy, run_cli, snakemake, tiny_config,
-                      train_cmd, unequal_data)
+from .helpers import (
+    TINY_BASE,
+    TINY_CONFIG,
+    XTUNER,
+    copy_workflow,
+    interrupted_copy,
+    run_cli,
+    snakemake,
+    tiny_config,
+    train_cmd,
+    unequal_data,
+)
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
 
 def rerun(work: Path, out: Path, log: Path, **over) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(work, out, max_epochs=1, **over) + ["--log", str(log)], capture_output=True,
-                          text=True)
+    return subprocess.run(
+        train_cmd(work, out, max_epochs=1, **over) + ["--log", str(log)], capture_output=True, text=True
+    )
 
 
 class Payload:
@@ -128,7 +139,7 @@ def test_diverging_training_stops_with_a_clear_error(tmp_path):
 def overwrite_64_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = os.urandom(64)
+    data[middle : middle + 64] = os.urandom(64)
     path.write_bytes(bytes(data))
 
 
@@ -250,12 +261,14 @@ def test_data_with_nothing_to_learn_stops_the_workflow_before_training(tmp_path)
     """The check_data rule (check-custom-dataset) runs before train: every record is valid, but
     max_length leaves no supervised token, so the workflow stops there and keeps the data."""
     wd, _ = workflow_on_local_data(
-        tmp_path, json.dumps([{"conversation": [{"input": " ".join(["word"] * 80), "output": "A"}]}] * 3))
+        tmp_path, json.dumps([{"conversation": [{"input": " ".join(["word"] * 80), "output": "A"}]}] * 3)
+    )
     res = snakemake(wd, "final_model", check=False)
     assert res.returncode != 0
     log = (wd / "logs/check_data/tiny.log").read_text()
-    assert ("DataError: results/data/converted/sc.json: no record has a supervised token within max_length 64"
-            in log), log
+    assert "DataError: results/data/converted/sc.json: no record has a supervised token within max_length 64" in log, (
+        log
+    )
     assert "3 of 3 records have nothing to learn" in log and "Traceback" not in log
     assert not (wd / "results/tiny/data_check.txt").exists() and not (wd / "logs/train").exists()
     assert len(json.loads((wd / "results/data/converted/sc.json").read_text())) == 3  # nothing destroyed
@@ -282,8 +295,9 @@ def test_missing_gguf_file_names_the_key(tmp_path):
     from snaketune.fetch import fetch_model
 
     with pytest.raises(FileNotFoundError, match="gguf.path: .*nope.gguf does not exist"):
-        fetch_model(ModelConfig(source="gguf", gguf={"path": str(tmp_path / "nope.gguf")}), tmp_path / "out",
-                    tmp_path / "cache")
+        fetch_model(
+            ModelConfig(source="gguf", gguf={"path": str(tmp_path / "nope.gguf")}), tmp_path / "out", tmp_path / "cache"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -312,16 +326,19 @@ def test_checkpoints_of_other_data_model_or_rank_count_are_set_aside(trained, tm
     data = bytearray(weights.read_bytes())
     data[-8:] = bytes(8)  # same config.json, other weights
     weights.write_bytes(bytes(data))
-    cases = {"data": (["--data", str(unequal_data(tmp_path / "other.json"))]),
-             "model": ["--model", str(other_model)],
-             "ranks": ["--ranks", "2", "--threads", "2"]}
+    cases = {
+        "data": (["--data", str(unequal_data(tmp_path / "other.json"))]),
+        "model": ["--model", str(other_model)],
+        "ranks": ["--ranks", "2", "--threads", "2"],
+    }
     for name, extra in cases.items():
         case = tmp_path / f"case_{name}"
         case.mkdir()
         work, out = interrupted_copy(trained, case)
         log = case / "train.log"
-        res = subprocess.run(train_cmd(work, out, max_epochs=1) + extra + ["--log", str(log)], capture_output=True,
-                             text=True)
+        res = subprocess.run(
+            train_cmd(work, out, max_epochs=1) + extra + ["--log", str(log)], capture_output=True, text=True
+        )
         assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
         assert "checkpoints made with other settings, data, model or rank count moved to" in log.read_text(), name
         assert json.loads(out.read_text())["resumed_from"] is None, name
@@ -332,8 +349,11 @@ def test_checkpoints_of_other_data_model_or_rank_count_are_set_aside(trained, tm
 def test_truncation_is_reported_in_the_log(tmp_path):
     log = tmp_path / "train.log"
     data = unequal_data(tmp_path / "unequal.json")
-    subprocess.run(train_cmd(tmp_path / "w", tmp_path / "o.json", data=data, max_epochs=1, max_length=28)
-                   + ["--log", str(log)], check=True, capture_output=True)
+    subprocess.run(
+        train_cmd(tmp_path / "w", tmp_path / "o.json", data=data, max_epochs=1, max_length=28) + ["--log", str(log)],
+        check=True,
+        capture_output=True,
+    )
     assert re.search(r"\d+ samples were longer than max_length=28: \d+ tokens cut off", log.read_text())
     # and when max_length leaves no answer at all, the error says so
     res = subprocess.run(train_cmd(tmp_path / "w2", tmp_path / "o2.json", max_length=8), capture_output=True, text=True)
@@ -346,6 +366,9 @@ def test_misaligned_save_steps_fall_on_window_ends(tmp_path):
     """save_steps=3 with accumulation 2: a multiple of 3 inside a window is saved at the window's end
     (iterations 4 and 6), and the last iteration (8) always."""
     work = tmp_path / "w"
-    subprocess.run(train_cmd(work, tmp_path / "o.json", max_epochs=1, save_steps=3, save_total_limit=5),
-                   check=True, capture_output=True)
+    subprocess.run(
+        train_cmd(work, tmp_path / "o.json", max_epochs=1, save_steps=3, save_total_limit=5),
+        check=True,
+        capture_output=True,
+    )
     assert [n for n, _ in complete_checkpoints(work)] == [4, 6, 8]

@@ -100,11 +100,11 @@ def test_training_model_is_nf4_on_cuda_with_bf16_compute(monkeypatch):
     bfloat16, the LoRA weights are fp32 master weights, and a few steps lower the loss."""
     import bitsandbytes as bnb
 
+    from snaketune.batching import as_rows, collate, encode_dataset
     from snaketune.config import TrainConfig
     from snaketune.data import read_records
-    from snaketune.model import compute_dtype, load_for_training, load_tokenizer
-    from snaketune.batching import as_rows, collate, encode_dataset
     from snaketune.losses import token_loss_sum
+    from snaketune.model import compute_dtype, load_for_training, load_tokenizer
 
     assert torch.cuda.is_bf16_supported(), "this GPU has no bf16: the recipe falls back to fp16"
     assert compute_dtype("cuda") is torch.bfloat16
@@ -131,8 +131,9 @@ def test_training_model_is_nf4_on_cuda_with_bf16_compute(monkeypatch):
 
     monkeypatch.setattr(bnb, "matmul_4bit", spy)
     tokenizer = load_tokenizer(TINY_BASE)
-    samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:4], tokenizer,
-                                TrainConfig(template="internlm2_chat", max_length=64))
+    samples, _ = encode_dataset(
+        read_records(XTUNER / "data.json")[:4], tokenizer, TrainConfig(template="internlm2_chat", max_length=64)
+    )
     ids, labels, pos, _ = (t if t is None else t.cuda() for t in collate(as_rows(samples), tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-3)
     model.train()
@@ -186,8 +187,9 @@ def test_killed_training_resumes_bit_identical_on_cuda(reference, env, tmp_path)
     try:
         while not (work / "iter_4.pth" / COMPLETE).exists():
             if proc.poll() is not None:
-                pytest.fail(f"training ended ({proc.returncode}) before its first checkpoint:\n"
-                            f"{stderr.read_text()[-6000:]}")
+                pytest.fail(
+                    f"training ended ({proc.returncode}) before its first checkpoint:\n{stderr.read_text()[-6000:]}"
+                )
             assert time.time() < deadline, "no checkpoint within the time limit"
             time.sleep(0.01)
     finally:
@@ -215,15 +217,19 @@ def test_killed_training_resumes_bit_identical_on_cuda(reference, env, tmp_path)
         again_work, again_out = tmp_path / "again", tmp_path / "again.json"
         _run(train_cmd(again_work, again_out, **GPU_TINY), env)
         noise = _max_diff(ref, _lora(again_out))
-        pytest.fail(f"resumed adapter differs from the uninterrupted run's by up to {_max_diff(ref, got):.3g}; "
-                    f"a second uninterrupted run differs by {noise:.3g} "
-                    f"({'training on this GPU is not deterministic' if noise else 'training is deterministic: resume is broken'})")
+        pytest.fail(
+            f"resumed adapter differs from the uninterrupted run's by up to {_max_diff(ref, got):.3g}; "
+            f"a second uninterrupted run differs by {noise:.3g} "
+            f"({'training on this GPU is not deterministic' if noise else 'training is deterministic: resume is broken'})"
+        )
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
     control_out, control_log = tmp_path / "control.json", tmp_path / "control.log"
     _run(train_cmd(control, control_out, **GPU_TINY) + ["--log", str(control_log)], env)
     assert json.loads(control_out.read_text())["resumed_from"] == k, (
-        f"the control run did not resume from iteration {k}:\n{control_log.read_text()[-3000:]}")
+        f"the control run did not resume from iteration {k}:\n{control_log.read_text()[-3000:]}"
+    )
     assert not all(torch.equal(a, b) for a, b in zip(ref.values(), _lora(control_out).values())), (
         "a resume that restarts the CUDA random state still matched: dropout did not draw from the "
-        "CUDA generator, so this test does not exercise the CUDA RNG restore")
+        "CUDA generator, so this test does not exercise the CUDA RNG restore"
+    )

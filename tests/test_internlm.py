@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from snaketune import internlm
+
 from .internlm_layout import MARKER, build_internlm, build_internlm2, llama_to_internlm2_state
 
 TEXTS = [
@@ -90,11 +91,24 @@ def test_internlm2_wqkv_is_split_per_kv_group(hub):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (6, 2)])
 def test_wqkv_split_inverts_the_hub_packing_for_any_grouping(heads, kv_heads, tmp_path):
-    config = LlamaConfig(vocab_size=11, hidden_size=12 * heads, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads)
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=12 * heads,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
     native = LlamaForCausalLM(config)
-    hub_config = {"hidden_size": 12 * heads, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-                  "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 11, "bias": False}
+    hub_config = {
+        "hidden_size": 12 * heads,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "vocab_size": 11,
+        "bias": False,
+    }
     ours = internlm.internlm2_to_llama_state(llama_to_internlm2_state(native), hub_config)
     assert ours.keys() == native.state_dict().keys()
     for name, tensor in native.state_dict().items():
@@ -126,10 +140,16 @@ def test_converted_configs_carry_rope_norm_and_head_settings(hub):
 
 
 def test_rope_settings_of_the_real_hub_configs():
-    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 8,
-            "vocab_size": 10}
-    v2 = internlm.llama_config({**base, "model_type": "internlm2", "rope_theta": 1000000,
-                                "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    base = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+    }
+    v2 = internlm.llama_config(
+        {**base, "model_type": "internlm2", "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    )
     assert v2.rope_parameters == {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}
     plain = internlm.llama_config({**base, "model_type": "internlm2", "rope_theta": 50000000, "rope_scaling": None})
     assert plain.rope_parameters == {"rope_type": "default", "rope_theta": 5e7}
@@ -202,8 +222,13 @@ def test_internlm2_chat_specials_keep_their_hub_ids(hub):
     assert tok("<|im_start|>user\n").input_ids == [1, ckpt.specials["<|im_start|>"]] + sp.encode("user\n")
     turn = "<|im_start|>user\nHi there<|im_end|>\n"
     ids = tok(turn).input_ids
-    assert ids == [1, ckpt.specials["<|im_start|>"], *sp.encode("user\nHi there"), ckpt.specials["<|im_end|>"],
-                   *sp.encode("\n")]
+    assert ids == [
+        1,
+        ckpt.specials["<|im_start|>"],
+        *sp.encode("user\nHi there"),
+        ckpt.specials["<|im_end|>"],
+        *sp.encode("\n"),
+    ]
     assert tok.decode(ids) == "<s>" + turn
     assert tok.decode(ids, skip_special_tokens=True) == "user\nHi there\n"
 
@@ -333,10 +358,10 @@ def test_existing_output_is_not_overwritten(hub, tmp_path):
 def test_packed_loss_equals_the_per_sample_sum_on_converted_internlm2(hub):
     """The trainer's packing on a converted InternLM2: a packed row's loss is the sum of its
     samples' losses run one by one (the hub code would let packed samples attend to each other)."""
-    from snaketune.config import TrainConfig
-    from snaketune.model import load_tokenizer
     from snaketune.batching import as_rows, collate, encode_dataset, pack
+    from snaketune.config import TrainConfig
     from snaketune.losses import token_loss_sum
+    from snaketune.model import load_tokenizer
 
     from .helpers import XTUNER
 
@@ -400,6 +425,7 @@ def test_workflow_end_to_end_on_a_tiny_internlm2_with_packing(hub, tmp_path):
     rows = read_jsonl(wd / "results/tiny/evaluation.jsonl")
     identity = [r for r in rows if r["set"] == "identity"]  # the export check's prompts
     assert identity and all(r["finetuned"] == r["base_plus_adapter"] for r in identity)
-    text = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "Q"}],
-                                                                     tokenize=False, add_generation_prompt=True)
+    text = AutoTokenizer.from_pretrained(merged).apply_chat_template(
+        [{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")

@@ -36,8 +36,11 @@ def test_existing_model_directory_is_never_replaced(tmp_path):
 def test_modelscope_download_offline_fails_with_the_local_way_out(tmp_path):
     """This machine reaches no model hub: the real download code stops at the connection."""
     with pytest.raises(OfflineError) as err:
-        fetch_model(ModelConfig(source="modelscope", id="Shanghai_AI_Laboratory/internlm2-chat-1_8b", revision="master"),
-                    tmp_path / "out", tmp_path / "cache")
+        fetch_model(
+            ModelConfig(source="modelscope", id="Shanghai_AI_Laboratory/internlm2-chat-1_8b", revision="master"),
+            tmp_path / "out",
+            tmp_path / "cache",
+        )
     assert "www.modelscope.cn" in str(err.value) and "source: local" in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -45,5 +48,8 @@ def test_modelscope_download_offline_fails_with_the_local_way_out(tmp_path):
 def test_huggingface_download_respects_hf_hub_offline(tmp_path, monkeypatch):
     monkeypatch.setitem(os.environ, "HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError, match="HF_HUB_OFFLINE=1.*source: local"):
-        fetch_model(ModelConfig(source="huggingface", id="HuggingFaceTB/SmolLM2-135M-Instruct"), tmp_path / "out",
-                    tmp_path / "cache")
+        fetch_model(
+            ModelConfig(source="huggingface", id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+            tmp_path / "out",
+            tmp_path / "cache",
+        )

@@ -12,8 +12,7 @@ from snaketune.launch import torchrun_command
 from snaketune.lora_state import read_lora_state
 from snaketune.safe_pickle import load_checkpoint
 
-from .helpers import (EXACT, TINY, TINY_BASE, kill_at_checkpoint, read_jsonl, run, train_cmd, train_exact,
-                      unequal_data)
+from .helpers import EXACT, TINY, TINY_BASE, kill_at_checkpoint, read_jsonl, run, train_cmd, train_exact, unequal_data
 
 
 @pytest.mark.slow
@@ -33,7 +32,9 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(exact_training, tmp_p
     # ZeRO-2 sharded the optimizer state: one partition per rank
     ckpt = w2 / f"iter_{s2['iterations']}.pth"
     assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     # only rank 0 wrote the logs
     assert len(read_jsonl(w2 / "runs.jsonl")) == 1
 
@@ -67,10 +68,10 @@ def test_loss_is_normalised_over_the_whole_accumulation_window(tmp_path):
     divided by their supervised tokens, computed here by hand, which a mean of per-sample means misses."""
     from transformers import AutoModelForCausalLM
 
+    from snaketune.batching import encode_dataset, epoch_batches
     from snaketune.config import TrainConfig
     from snaketune.data import read_records
     from snaketune.model import load_tokenizer
-    from snaketune.batching import encode_dataset, epoch_batches
 
     data = unequal_data(tmp_path / "unequal.json")
     # unquantised, so that the first step (LoRA B = 0: the base model alone) can be recomputed exactly

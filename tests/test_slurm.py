@@ -28,8 +28,16 @@ def cpu_node_profile(wd, **train):
     profile["set-resources"]["train"].update(cpus_per_gpu=2, mem_mb=4000, **train)
     for rule in ("merge", "evaluate"):
         profile["set-resources"][rule]["mem_mb"] = 4000
-    profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "latency-wait": 5, "jobs": 2,
-                    "slurm-init-seconds-before-status-checks": 1, "seconds-between-status-checks": 2})
+    profile.update(
+        {
+            "slurm-no-account": True,
+            "slurm-status-command": "squeue",
+            "latency-wait": 5,
+            "jobs": 2,
+            "slurm-init-seconds-before-status-checks": 1,
+            "seconds-between-status-checks": 2,
+        }
+    )
     (wd / "profiles/slurm/config.yaml").write_text(yaml.safe_dump(profile))
     return profile
 
@@ -50,8 +58,15 @@ def start():
     procs = []
 
     def start(wd, *extra):
-        procs.append(subprocess.Popen([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra],
-                                      cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra],
+                cwd=wd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         return procs[-1]
 
     yield start
@@ -71,8 +86,9 @@ def workflow(tmp_path, **train):
 
 
 def slurm_snakemake(wd, *extra, check=True):
-    return run([*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra], cwd=wd, check=check,
-               timeout=900)
+    return run(
+        [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra], cwd=wd, check=check, timeout=900
+    )
 
 
 def submitted(output: str) -> dict[str, str]:
@@ -147,7 +163,10 @@ def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, start, tmp
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert scontrol(first)["JobState"] == "TIMEOUT"
-    train_jobs = [m.group(1) for m in re.finditer(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: [^)]*rule_train", out)]
+    train_jobs = [
+        m.group(1)
+        for m in re.finditer(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: [^)]*rule_train", out)
+    ]
     assert len(train_jobs) == 2 and train_jobs[0] == first, out[-4000:]
     assert scontrol(train_jobs[1])["TimeLimit"] == "1-00:00:00"  # 720 * attempt 2 minutes
     summary = json.loads((wd / "results/tiny/training.json").read_text())

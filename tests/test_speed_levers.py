@@ -31,10 +31,21 @@ def batch(tokenizer):
     """Two conversations of unequal length, right-padded: some positions supervised, some prompt, some pad."""
     from snaketune.batching import as_rows, collate, encode_dataset
 
-    samples, _ = encode_dataset([{"conversation": [{"input": "Who are you?", "output": "A small test model."}]},
-                                 {"conversation": [{"input": "Question 7, a longer one?", "output": "the quick brown "
-                                                    "fox jumps over a lazy dog while seven small birds sing"}]}],
-                                tokenizer, TrainConfig(template="internlm2_chat", max_length=64))
+    samples, _ = encode_dataset(
+        [
+            {"conversation": [{"input": "Who are you?", "output": "A small test model."}]},
+            {
+                "conversation": [
+                    {
+                        "input": "Question 7, a longer one?",
+                        "output": "the quick brown fox jumps over a lazy dog while seven small birds sing",
+                    }
+                ]
+            },
+        ],
+        tokenizer,
+        TrainConfig(template="internlm2_chat", max_length=64),
+    )
     assert len({len(s.input_ids) for s in samples}) == 2
     return collate(as_rows(samples), tokenizer.pad_token_id)[:3]  # ids, labels, positions: no kl sample
 
@@ -44,8 +55,12 @@ def lora_model(dropout=0.0, gradient_checkpointing=False):
     from snaketune.model import load_for_training
 
     torch.manual_seed(0)
-    model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=dropout), device="cpu",
-                              gradient_checkpointing=gradient_checkpointing)
+    model = load_for_training(
+        TINY_BASE,
+        LoraConfig(r=8, alpha=16, dropout=dropout),
+        device="cpu",
+        gradient_checkpointing=gradient_checkpointing,
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -55,8 +70,9 @@ def lora_model(dropout=0.0, gradient_checkpointing=False):
 def full_head_loss(model, ids, labels, pos):
     """The plain computation: logits at every position, cross-entropy ignoring unsupervised ones."""
     logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def loss_and_grads(model, loss_fn, batch, seed=1):
@@ -186,8 +202,9 @@ def test_auto_splits_the_micro_batch_then_checkpoints_only_when_memory_is_short(
     ]
     for free, settings, expected in cases:
         monkeypatch.setattr(model_module, "available_memory", lambda device, free=free: free)
-        cfg = TrainConfig(template="internlm2_chat", batch_size=4, lora=LoraConfig(r=8, alpha=16, dropout=0.1),
-                          **settings)
+        cfg = TrainConfig(
+            template="internlm2_chat", batch_size=4, lora=LoraConfig(r=8, alpha=16, dropout=0.1), **settings
+        )
         model = lora_model(dropout=0.1, gradient_checkpointing=cfg.gradient_checkpointing is True)
         rows = fit_to_memory(model, cfg, plan, "cpu")
         assert (rows, model.get_base_model().is_gradient_checkpointing) == expected, (free, settings)
@@ -200,12 +217,13 @@ def steps_of(lengths, epoch, *, batch_size, acc, world, seed=0):
     """The samples of each optimizer step, from each rank's micro-batches, as the trainer draws them."""
     from snaketune.batching import epoch_batches, iters_per_epoch
 
-    cfg = TrainConfig(template="default", batch_size=batch_size, accumulative_counts=acc, seed=seed,
-                      group_by_length=True)
+    cfg = TrainConfig(
+        template="default", batch_size=batch_size, accumulative_counts=acc, seed=seed, group_by_length=True
+    )
     per_rank = [epoch_batches(len(lengths), epoch, cfg, r, world, lengths) for r in range(world)]
     assert all(len(b) == iters_per_epoch(len(lengths), cfg, world) for b in per_rank)
     micro = [[i for b in per_rank for i in b[k]] for k in range(len(per_rank[0]))]  # one iteration, all ranks
-    return [sorted(i for m in micro[k:k + acc] for i in m) for k in range(0, len(micro), acc)], per_rank
+    return [sorted(i for m in micro[k : k + acc] for i in m) for k in range(0, len(micro), acc)], per_rank
 
 
 def padding(batches, lengths):
@@ -215,14 +233,19 @@ def padding(batches, lengths):
 def test_length_groups_keep_each_step_the_same_however_the_global_batch_is_split():
     lengths = [(7 * i) % 23 + 5 for i in range(96)]
     for epoch in (0, 1):
-        splits = [dict(batch_size=4, acc=2, world=1), dict(batch_size=4, acc=1, world=2),
-                  dict(batch_size=2, acc=2, world=2), dict(batch_size=1, acc=8, world=1),
-                  dict(batch_size=8, acc=1, world=1)]
+        splits = [
+            dict(batch_size=4, acc=2, world=1),
+            dict(batch_size=4, acc=1, world=2),
+            dict(batch_size=2, acc=2, world=2),
+            dict(batch_size=1, acc=8, world=1),
+            dict(batch_size=8, acc=1, world=1),
+        ]
         steps = [steps_of(lengths, epoch, **s)[0] for s in splits]
         assert all(s == steps[0] for s in steps[1:])
         assert sorted(i for s in steps[0] for i in s) == list(range(96))  # every sample once per epoch
-    assert steps_of(lengths, 0, batch_size=4, acc=2, world=1)[0] != steps_of(lengths, 1, batch_size=4, acc=2,
-                                                                            world=1)[0]
+    assert (
+        steps_of(lengths, 0, batch_size=4, acc=2, world=1)[0] != steps_of(lengths, 1, batch_size=4, acc=2, world=1)[0]
+    )
 
 
 def test_length_groups_are_seeded_and_cut_the_padding():
@@ -233,8 +256,14 @@ def test_length_groups_are_seeded_and_cut_the_padding():
     off = TrainConfig(template="default", batch_size=4, accumulative_counts=1)
     grouped = epoch_batches(96, 0, on, 0, 1, lengths)
     assert grouped == epoch_batches(96, 0, on, 0, 1, lengths)  # seeded: a resumed run draws the same
-    assert grouped != epoch_batches(96, 0, TrainConfig(template="default", batch_size=4, accumulative_counts=1,
-                                                       group_by_length=True, seed=1), 0, 1, lengths)
+    assert grouped != epoch_batches(
+        96,
+        0,
+        TrainConfig(template="default", batch_size=4, accumulative_counts=1, group_by_length=True, seed=1),
+        0,
+        1,
+        lengths,
+    )
     plain = epoch_batches(96, 0, off, 0, 1, lengths)
     assert plain == epoch_batches(96, 0, off, 0, 1)  # off: the sampler as before, lengths or not
     assert sorted(i for b in grouped for i in b) == list(range(96))
@@ -276,7 +305,8 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
     a, b = read_lora_state(json.loads(ref_out.read_text())["checkpoint"]), read_lora_state(summary["checkpoint"])
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [
-        r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
+        r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    ]
 
 
 # ---------------------------------------------------------------- passes of fewer rows
@@ -287,9 +317,11 @@ def test_passes_of_fewer_rows_give_the_whole_batchs_loss_and_gradients(tokenizer
     from snaketune.losses import token_loss_sum
 
     answers = ["ok", "the quick brown fox jumps over a lazy dog", "seven small birds", "a b c d e f g h i j k l"]
-    samples, _ = encode_dataset([{"conversation": [{"input": f"Question {i}?", "output": a}]}
-                                 for i, a in enumerate(answers)], tokenizer,
-                                TrainConfig(template="internlm2_chat", max_length=64))
+    samples, _ = encode_dataset(
+        [{"conversation": [{"input": f"Question {i}?", "output": a}]} for i, a in enumerate(answers)],
+        tokenizer,
+        TrainConfig(template="internlm2_chat", max_length=64),
+    )
     rows = as_rows(samples)
     lengths = [len(r.input_ids) for r in rows]
     assert len(set(lengths)) == 4
@@ -298,6 +330,7 @@ def test_passes_of_fewer_rows_give_the_whole_batchs_loss_and_gradients(tokenizer
     def in_passes(k):
         def loss_fn(model, *_):
             return sum(token_loss_sum(model, *collate(p, tokenizer.pad_token_id)[:3]) for p in passes(rows, k))
+
         return loss_fn
 
     whole_loss, whole = loss_and_grads(model, token_loss_sum, collate(rows, tokenizer.pad_token_id)[:3])
@@ -324,8 +357,18 @@ def test_training_in_passes_of_one_row_equals_whole_micro_batches(tmp_path):
     runs = {}
     for k in (1, 4):
         out = tmp_path / f"rows{k}.json"
-        run(train_cmd(tmp_path / f"rows{k}", out, data=data, batch_size=4, accumulative_counts=1, max_epochs=1,
-                      rows_per_pass=k, lora={"r": 8, "alpha": 16, "dropout": 0.0}))
+        run(
+            train_cmd(
+                tmp_path / f"rows{k}",
+                out,
+                data=data,
+                batch_size=4,
+                accumulative_counts=1,
+                max_epochs=1,
+                rows_per_pass=k,
+                lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            )
+        )
         runs[k] = json.loads(out.read_text()), read_jsonl(tmp_path / f"rows{k}" / "metrics.jsonl")
     (s1, m1), (s4, m4) = runs[1], runs[4]
     assert [r["supervised_tokens"] for r in m1] == [r["supervised_tokens"] for r in m4]
@@ -361,13 +404,21 @@ def process_group():
 def test_fused_adamw_in_zero2_makes_plain_adamws_update(batch, process_group):
     """build_engine's fused AdamW, run by ZeRO-2 over its flat partition, moves the LoRA weights as
     plain per-parameter AdamW of the same settings does, step after step."""
-    from snaketune.model import load_for_training
     from snaketune.losses import token_loss_sum
+    from snaketune.model import load_for_training
     from snaketune.train import Plan, build_engine
 
-    cfg = TrainConfig(template="internlm2_chat", batch_size=2, accumulative_counts=1, lr=1e-2, weight_decay=0.01,
-                      max_norm=1e9, warmup_ratio=0.0, gradient_checkpointing=False,
-                      lora=LoraConfig(r=8, alpha=16, dropout=0.0))
+    cfg = TrainConfig(
+        template="internlm2_chat",
+        batch_size=2,
+        accumulative_counts=1,
+        lr=1e-2,
+        weight_decay=0.01,
+        max_norm=1e9,
+        warmup_ratio=0.0,
+        gradient_checkpointing=False,
+        lora=LoraConfig(r=8, alpha=16, dropout=0.0),
+    )
     torch.manual_seed(0)
     engine, optimizer, _ = build_engine(TINY_BASE, cfg, Plan([], {}, 4, 4, [1, 2, 3, 4]), "cpu", False)
     assert optimizer.optimizer.param_groups[0]["fused"]
@@ -413,8 +464,9 @@ def tcmalloc():
 def malloc_of_a_process(env):
     """What a fresh Python started in ``env`` runs on, read from its own memory map by this test."""
     code = "print(next((n for n in ('tcmalloc', 'jemalloc') if 'lib' + n in open('/proc/self/maps').read()), 'system'))"
-    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_allocator_env_preloads_tcmalloc_once_and_fails_clearly_without_it(tcmalloc, monkeypatch):
@@ -451,7 +503,11 @@ def test_the_train_step_runs_on_tcmalloc_and_trains_exactly_as_on_glibc(referenc
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     out, log = tmp_path / "system.json", tmp_path / "system.log"
     run(train_cmd(tmp_path / "system", out, allocator="system") + ["--log", str(log)], env=env)
-    s_sys, m_sys, log_sys = json.loads(out.read_text()), read_jsonl(tmp_path / "system" / "metrics.jsonl"), log.read_text()
+    s_sys, m_sys, log_sys = (
+        json.loads(out.read_text()),
+        read_jsonl(tmp_path / "system" / "metrics.jsonl"),
+        log.read_text(),
+    )
     assert s_tc["malloc"] == "tcmalloc" and s_sys["malloc"] == "system"
     assert f"LD_PRELOAD={tcmalloc}" in log_tc and "LD_PRELOAD" not in log_sys
     assert [r["loss"] for r in m_tc] == [r["loss"] for r in m_sys]

@@ -64,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -97,11 +97,11 @@ def test_the_cycle_finder_finds_a_circle():
 def test_the_import_graph_sees_function_level_and_relative_imports(tmp_path):
     pkg = tmp_path / "snaketune"
     pkg.mkdir()
-    (pkg / "a.py").write_text("import os\nfrom . import b\n\n\ndef f():\n    from .c import g\n"
-                              "    import snaketune.d\n")
+    (pkg / "a.py").write_text(
+        "import os\nfrom . import b\n\n\ndef f():\n    from .c import g\n    import snaketune.d\n"
+    )
     known = {"snaketune", "snaketune.a", "snaketune.b", "snaketune.c", "snaketune.d"}
-    assert imported("snaketune.a", pkg / "a.py", known) == {"snaketune", "snaketune.b", "snaketune.c",
-                                                             "snaketune.d"}
+    assert imported("snaketune.a", pkg / "a.py", known) == {"snaketune", "snaketune.b", "snaketune.c", "snaketune.d"}
 
 
 def test_no_import_circle_in_the_package():

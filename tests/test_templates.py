@@ -25,18 +25,24 @@ CONVERSATION = [
     {"input": "And then?", "output": "Nothing, really."},
 ]
 MESSAGES = [{"role": "system", "content": "You are Snaky."}] + [
-    m for t in CONVERSATION for m in ({"role": "user", "content": t["input"]},
-                                      {"role": "assistant", "content": t["output"]})]
+    m
+    for t in CONVERSATION
+    for m in ({"role": "user", "content": t["input"]}, {"role": "assistant", "content": t["output"]})
+]
 # What the model families' own tokenizers hold as single special tokens. Where they are plain text
 # (as in the fixture's SmolLM2 tokenizer), "…<|eot_id|>" + "<|start_header_id|>…" tokenizes
 # differently in one string than in the encoder's separate segments.
-FAMILY_SPECIALS = {"llama3_chat": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                   "internlm_chat": ["<eoh>", "<eoa>"]}
+FAMILY_SPECIALS = {
+    "llama3_chat": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "internlm_chat": ["<eoh>", "<eoa>"],
+}
 # Llama 3's pre-tokenizer (its tokenizer.json): a run of newlines is one piece whatever follows. The
 # fixture's GPT-2 split makes "\n\n" before a word two pieces but one at the end of a segment, so
 # llama3_chat's "<|end_header_id|>\n\n" + answer differs between one string and the encoder's segments.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # The fixture's BOS (<|endoftext|>, XTuner's case), SmolLM2's GGUF BOS (<|im_start|>: a ChatML
 # prompt starts with it, the encoder adds none) and none at all (Qwen).
 BOS = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "none": None}
@@ -54,9 +60,12 @@ def base_with_tokenizer(path, template: str, bos: str | None):
     if template == "llama3_chat":
         from tokenizers import Regex, pre_tokenizers
 
-        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.save_pretrained(path)
     return path
 
@@ -82,10 +91,13 @@ def test_saved_chat_template_renders_what_training_encoded(template, bos, tmp_pa
     assert got == train.input_ids
 
     # the prompt for turn 3 (what a chat tool sends) is the training ids up to turn 3's answer
-    answer_starts = [i for i, label in enumerate(train.labels)
-                     if label != IGNORE_INDEX and (i == 0 or train.labels[i - 1] == IGNORE_INDEX)]
+    answer_starts = [
+        i
+        for i, label in enumerate(train.labels)
+        if label != IGNORE_INDEX and (i == 0 or train.labels[i - 1] == IGNORE_INDEX)
+    ]
     assert len(answer_starts) == 3
-    assert rendered_ids(saved, MESSAGES[:-1], add_generation_prompt=True) == train.input_ids[:answer_starts[2]]
+    assert rendered_ids(saved, MESSAGES[:-1], add_generation_prompt=True) == train.input_ids[: answer_starts[2]]
 
 
 def test_default_template_text_is_xtuners_with_eos_and_bos_between_turns(tmp_path):
@@ -93,10 +105,16 @@ def test_default_template_text_is_xtuners_with_eos_and_bos_between_turns(tmp_pat
     then BOS before the next turn."""
     from transformers import AutoTokenizer
 
-    merge(base_with_tokenizer(tmp_path / "base", "default", "<|endoftext|>"), ADAPTER, tmp_path / "merged",
-          "default", MergeConfig())
+    merge(
+        base_with_tokenizer(tmp_path / "base", "default", "<|endoftext|>"),
+        ADAPTER,
+        tmp_path / "merged",
+        "default",
+        MergeConfig(),
+    )
     saved = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert saved.apply_chat_template(MESSAGES, tokenize=False) == (
         "<|endoftext|><|System|>:You are Snaky.\n<|User|>:Who are you?\n<|Bot|>:I am Snaky!<|im_end|>\n"
         "<|endoftext|><|User|>:你叫什么名字\n<|Bot|>:我是Snaky。<|im_end|>\n"
-        "<|endoftext|><|User|>:And then?\n<|Bot|>:Nothing, really.<|im_end|>\n")
+        "<|endoftext|><|User|>:And then?\n<|Bot|>:Nothing, really.<|im_end|>\n"
+    )

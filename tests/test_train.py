@@ -9,12 +9,12 @@ import subprocess
 import pytest
 import torch
 
+from snaketune.batching import epoch_batches, pack
 from snaketune.checkpoints import COMPLETE, complete_checkpoints, torn_checkpoints
 from snaketune.config import LoraConfig, TrainConfig
 from snaketune.encoding import Encoded
 from snaketune.errors import ConfigError
 from snaketune.lora_state import read_lora_state
-from snaketune.batching import epoch_batches, pack
 from snaketune.train import lr_factor, window_ends
 
 from .helpers import TINY_BASE, XTUNER, interrupted_copy, kill_at_checkpoint, read_jsonl, run, train_cmd
@@ -82,8 +82,12 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(reference_tr
     a, b = read_lora_state(ref["checkpoint"]), read_lora_state(summary["checkpoint"])
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     # the metrics log has each optimizer step once, as in the uninterrupted run
-    assert [r["iter"] for r in read_jsonl(work / "metrics.jsonl")] == [r["iter"] for r in read_jsonl(ref_work / "metrics.jsonl")]
-    assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [r["loss"] for r in read_jsonl(ref_work / "metrics.jsonl")]
+    assert [r["iter"] for r in read_jsonl(work / "metrics.jsonl")] == [
+        r["iter"] for r in read_jsonl(ref_work / "metrics.jsonl")
+    ]
+    assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [
+        r["loss"] for r in read_jsonl(ref_work / "metrics.jsonl")
+    ]
     # save_total_limit=3: only the three newest checkpoints remain
     assert [n for n, _ in complete_checkpoints(work)] == [16, 20, 24]
 
@@ -105,8 +109,17 @@ def test_torn_checkpoint_is_ignored(trained, tmp_path):
 @pytest.mark.slow
 def test_training_log_records_loss_lr_grad_norm_and_throughput(tmp_path):
     work, out = tmp_path / "w", tmp_path / "o.json"
-    run(train_cmd(work, out, max_epochs=1, warmup_ratio=0.5, evaluation_inputs=["你是谁"], evaluation_freq=4,
-                  evaluation_max_new_tokens=4))
+    run(
+        train_cmd(
+            work,
+            out,
+            max_epochs=1,
+            warmup_ratio=0.5,
+            evaluation_inputs=["你是谁"],
+            evaluation_freq=4,
+            evaluation_max_new_tokens=4,
+        )
+    )
     rows = read_jsonl(work / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["supervised_tokens"] > 0 for r in rows)
@@ -129,8 +142,8 @@ def test_packed_row_loss_equals_sum_of_its_samples(tokenizer):
     samples' losses run one by one (fp32, tolerance 1e-4 relative)."""
     from transformers import AutoModelForCausalLM
 
-    from snaketune.data import read_records
     from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.data import read_records
     from snaketune.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
@@ -158,14 +171,15 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from snaketune.data import read_records
-    from snaketune.model import load_for_training
     from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.data import read_records
     from snaketune.losses import token_loss_sum
+    from snaketune.model import load_for_training
 
     first, second = read_records(XTUNER / "data.json")[:2]
-    samples, stats = encode_dataset([first, {**second, "loss": "kl"}], tokenizer,
-                                    TrainConfig(template="internlm2_chat", max_length=64))
+    samples, stats = encode_dataset(
+        [first, {**second, "loss": "kl"}], tokenizer, TrainConfig(template="internlm2_chat", max_length=64)
+    )
     assert stats["kl_samples"] == 1 and [s.kl for s in samples] == [False, True]
     torch.manual_seed(0)
     model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), quantization="none", device="cpu")
@@ -174,7 +188,7 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
             torch.nn.init.normal_(p, std=0.05)
     base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
     ids, labels, pos, kl = collate(as_rows(samples), tokenizer.pad_token_id)
-    assert kl is not None and kl[1, :len(samples[1].input_ids)].all() and not kl[0].any()
+    assert kl is not None and kl[1, : len(samples[1].input_ids)].all() and not kl[0].any()
 
     def grads(loss):
         model.zero_grad()
@@ -206,16 +220,17 @@ def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
     the next step. bitsandbytes repacks 4-bit weights for inference on CPUs with AVX512-BF16,
     and the repacked path has no autograd; the trainer turns that off (found on such a CPU,
     where the default experiment stopped learning after its first evaluation)."""
+    from snaketune.batching import as_rows, collate, encode_dataset
     from snaketune.data import read_records
     from snaketune.generation import generate_answers
-    from snaketune.model import load_for_training
-    from snaketune.batching import as_rows, collate, encode_dataset
     from snaketune.losses import token_loss_sum
+    from snaketune.model import load_for_training
 
     torch.manual_seed(0)
     model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), device="cpu")
-    samples, _ = encode_dataset(read_records(XTUNER / "data.json")[:2], tokenizer,
-                                TrainConfig(template="internlm2_chat", max_length=64))
+    samples, _ = encode_dataset(
+        read_records(XTUNER / "data.json")[:2], tokenizer, TrainConfig(template="internlm2_chat", max_length=64)
+    )
     batch = collate(as_rows(samples), tokenizer.pad_token_id)
 
     def lora_grads():
@@ -238,8 +253,12 @@ def test_kill_while_a_checkpoint_is_being_written_skips_it(reference_training, t
     the re-run ignores that torn checkpoint and resumes from the one before."""
     for attempt in range(8):
         work, out = tmp_path / f"w{attempt}", tmp_path / f"o{attempt}.json"
-        proc = subprocess.Popen(train_cmd(work, out, save_steps=2), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            train_cmd(work, out, save_steps=2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         torn = []
         while proc.poll() is None and not torn:
             if work.is_dir():

@@ -25,8 +25,15 @@ from .helpers import missing
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SYSTEM = "You are Snaky."
 MAX = 16
 
@@ -52,9 +59,26 @@ def server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "snaketune.cli", "web", str(model), "--prompt-template",
-                             "internlm2_chat", "--system", SYSTEM, "--max-new-tokens", str(MAX), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snaketune.cli",
+            "web",
+            str(model),
+            "--prompt-template",
+            "internlm2_chat",
+            "--system",
+            SYSTEM,
+            "--max-new-tokens",
+            str(MAX),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -100,10 +124,21 @@ def ask(page, question: str, n: int) -> list[str]:
 def test_page_streams_the_greedy_answers_keeps_history_and_clears(browser, server, tmp_path):
     url, model_dir = server
     model, tok = load_model(model_dir)
-    first, alone = (a.answer for a in generate_answers(model, tok, "internlm2_chat", ["Who are you?", "What is your name?"],
-                                                       system=SYSTEM, max_new_tokens=MAX))
-    second = argmax_answer(model, tok, chatml(SYSTEM, [("Who are you?", first), ("What is your name?", None)],
-                                              lambda text: tok.encode(text, add_special_tokens=False)))
+    first, alone = (
+        a.answer
+        for a in generate_answers(
+            model, tok, "internlm2_chat", ["Who are you?", "What is your name?"], system=SYSTEM, max_new_tokens=MAX
+        )
+    )
+    second = argmax_answer(
+        model,
+        tok,
+        chatml(
+            SYSTEM,
+            [("Who are you?", first), ("What is your name?", None)],
+            lambda text: tok.encode(text, add_special_tokens=False),
+        ),
+    )
     assert second != alone
 
     page = browser.new_page(viewport={"width": 1100, "height": 760})

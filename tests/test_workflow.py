@@ -12,8 +12,18 @@ import yaml
 
 from snaketune import evalsets
 
-from .helpers import (ROOT, SNAKEMAKE, TINY_BASE, TINY_CONFIG, conda_on_path, copy_workflow, planned_rules, read_jsonl,
-                      run, snakemake)
+from .helpers import (
+    ROOT,
+    SNAKEMAKE,
+    TINY_BASE,
+    TINY_CONFIG,
+    conda_on_path,
+    copy_workflow,
+    planned_rules,
+    read_jsonl,
+    run,
+    snakemake,
+)
 
 
 def edit_config(wd: Path, change) -> None:
@@ -43,9 +53,17 @@ def finished(workflow) -> Path:
 
 def test_dry_run_shows_every_step_and_why(workflow):
     res = snakemake(workflow, "-n", "final_model")
-    assert planned_rules(res) == {"generate_data", "fetch_model", "check_data", "train", "pth_to_hf", "merge",
-                                  "evaluate",
-                                  "report_experiment", "final_model"}
+    assert planned_rules(res) == {
+        "generate_data",
+        "fetch_model",
+        "check_data",
+        "train",
+        "pth_to_hf",
+        "merge",
+        "evaluate",
+        "report_experiment",
+        "final_model",
+    }
     assert "reason: Missing output files" in res.stdout + res.stderr
 
 
@@ -68,7 +86,9 @@ def test_final_model_builds_every_file(finished):
     assert (wd / "results/tiny/adapter/adapter_model.safetensors").exists()
     merged = wd / "results/tiny/merged"
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
-    assert "chat_template" in (merged / "tokenizer_config.json").read_text() or (merged / "chat_template.jinja").exists()
+    assert (
+        "chat_template" in (merged / "tokenizer_config.json").read_text() or (merged / "chat_template.jinja").exists()
+    )
     rows = read_jsonl(wd / "results/tiny/evaluation.jsonl")
     identity = [r for r in rows if r["set"] == "identity"]
     assert [r["prompt"] for r in identity] == ["你是谁", "Who are you?", "你是哪位？"]
@@ -83,11 +103,26 @@ def test_final_model_builds_every_file(finished):
     assert summary["identity_heldout"]["n"] == 1 and summary["leakage"]["n"] == len(general)
     md = (wd / "results/tiny/evaluation.md").read_text()
     assert "| prompt | in data | base | fine-tuned |" in md and "| likelihood drift (fine-tuned − base NLL) |" in md
-    for rule in ("generate_data", "fetch_model", "check_data", "train", "pth_to_hf", "merge", "evaluate",
-                 "report_experiment"):
+    for rule in (
+        "generate_data",
+        "fetch_model",
+        "check_data",
+        "train",
+        "pth_to_hf",
+        "merge",
+        "evaluate",
+        "report_experiment",
+    ):
         assert list((wd / "logs" / rule).glob("*.log")), f"no log for {rule}"
-    for bench in ("generate_data/sc", "fetch_model/tiny_llama", "check_data/tiny", "train/tiny", "pth_to_hf/tiny", "merge/tiny",
-                  "evaluate/tiny"):
+    for bench in (
+        "generate_data/sc",
+        "fetch_model/tiny_llama",
+        "check_data/tiny",
+        "train/tiny",
+        "pth_to_hf/tiny",
+        "merge/tiny",
+        "evaluate/tiny",
+    ):
         assert (wd / f"benchmarks/{bench}.tsv").exists(), bench
 
 
@@ -115,8 +150,9 @@ def test_changed_hyper_parameter_reruns_from_train_only(finished, tmp_path):
 def test_editing_a_script_comment_does_not_retrain(finished, tmp_path):
     """Both profiles leave `code` out of the rerun triggers (docs/workflow.md: "What re-runs")."""
     profiles = [yaml.safe_load((ROOT / f"profiles/{p}/config.yaml").read_text()) for p in ("default", "slurm")]
-    assert profiles[0]["rerun-triggers"] == profiles[1]["rerun-triggers"] == ["mtime", "params", "input",
-                                                                              "software-env"]
+    assert (
+        profiles[0]["rerun-triggers"] == profiles[1]["rerun-triggers"] == ["mtime", "params", "input", "software-env"]
+    )
     wd = tmp_path / "wf"
     shutil.copytree(finished, wd, symlinks=True)
     with open(wd / "scripts/train.py", "a") as f:
@@ -133,8 +169,13 @@ def test_config_typo_fails_before_any_job(workflow, tmp_path):
     edit_config(wd, lambda cfg: cfg["experiments"]["tiny"]["train"].update(learning_rate=1e-3))
     res = snakemake(wd, "-n", "final_model", check=False)
     assert res.returncode != 0 and "learning_rate" in res.stdout + res.stderr
-    edit_config(wd, lambda cfg: (cfg["experiments"]["tiny"]["train"].pop("learning_rate"),
-                                 cfg["experiments"]["tiny"].update(model="nope")))
+    edit_config(
+        wd,
+        lambda cfg: (
+            cfg["experiments"]["tiny"]["train"].pop("learning_rate"),
+            cfg["experiments"]["tiny"].update(model="nope"),
+        ),
+    )
     res = snakemake(wd, "-n", "final_model", check=False)
     assert res.returncode != 0 and "experiments.tiny.model: no model named 'nope'" in res.stdout + res.stderr
 
@@ -248,14 +289,17 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
 
     import torch
 
-    from snaketune.lora_state import read_lora_state
     from snaketune.checkpoints import COMPLETE
+    from snaketune.lora_state import read_lora_state
 
     # the finished run's clone up to its training: the model and the checked data are there
     wd = tmp_path / "wf"
     shutil.copytree(finished, wd, symlinks=True)
-    for done in ("work_dirs", "logs", *(p.relative_to(wd) for p in (wd / "results/tiny").iterdir()
-                                        if p.name != "data_check.txt")):
+    for done in (
+        "work_dirs",
+        "logs",
+        *(p.relative_to(wd) for p in (wd / "results/tiny").iterdir() if p.name != "data_check.txt"),
+    ):
         (shutil.rmtree if (wd / done).is_dir() else os.remove)(wd / done)
     cmd = [*SNAKEMAKE, "--cores", "2", "final_model"]
     proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -298,5 +342,3 @@ def test_provenance_records_what_the_model_was_made_from(finished):
     assert len(prov["model"]["sha256"]) == 64
     head = subprocess.run(["git", "-C", str(finished), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert prov["workflow"] == {"commit": head.stdout.strip(), "dirty": False}  # the clone's own commit
-
-

@@ -58,6 +58,7 @@ def test_checkpoint_reader_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):
             import os
+
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pth"
@@ -70,7 +71,8 @@ def test_checkpoint_reader_refuses_code(tmp_path):
 def test_xtuner_metadata_loads_as_inert_placeholders():
     blob = load_checkpoint(XTUNER / "work_plain/iter_16.pth")
     hub = blob["message_hub"]
-    assert isinstance(blob["state_dict"]["llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"],
-                      torch.Tensor)
+    assert isinstance(
+        blob["state_dict"]["llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"], torch.Tensor
+    )
     assert "mmengine" not in __import__("sys").modules
     assert hub is not None

@@ -46,8 +46,13 @@ def load(name_or_path: str | os.PathLike, split: str | None = None) -> list[Ques
 
     path = path_of(name_or_path)
     if not path.exists():
-        raise data.DataError(path, None, None, "no such question set",
-                             f"name one shipped with snaketune ({', '.join(shipped())}) or a .jsonl file")
+        raise data.DataError(
+            path,
+            None,
+            None,
+            "no such question set",
+            f"name one shipped with snaketune ({', '.join(shipped())}) or a .jsonl file",
+        )
     questions = []
     for index, rec in enumerate(data.read_records(path)):
         fix = 'write {"question": "...", "answers": ["accepted", ...], "split": "train" or "eval"}'
@@ -58,6 +63,9 @@ def load(name_or_path: str | os.PathLike, split: str | None = None) -> list[Ques
             raise data.DataError(path, index, "answers", "not a list of non-empty strings", fix)
         if rec.get("split", "eval") not in SPLITS:
             raise data.DataError(path, index, "split", f"is {rec['split']!r}", fix)
-        questions.append(Question(rec["question"], tuple(answers), rec.get("split", "eval"),
-                                  rec.get("kind", ""), rec.get("lang", "")))
+        questions.append(
+            Question(
+                rec["question"], tuple(answers), rec.get("split", "eval"), rec.get("kind", ""), rec.get("lang", "")
+            )
+        )
     return [q for q in questions if split is None or q.split == split]
