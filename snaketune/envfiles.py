@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib  # Python 3.11+: the generator is a maintainer's tool, run with the env files' Python
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = "3.11"

@@ -16,7 +16,7 @@ import yaml
 from snaketune import envfiles
 from snaketune.config import LAYOUT
 
-from .helpers import ROOT, TINY_BASE, TINY_CONFIG, XTUNER, missing, run
+from .helpers import ROOT, TINY_CONFIG, XTUNER, missing, run
 
 
 def pins(lines) -> dict[str, str]:
@@ -247,12 +247,7 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
 
     uv_bin, links = uv(), cpu_torch_links()
     started = time.monotonic()
-    # Rebuilt from nothing on every run, but in one place, with DeepSpeed's CPU op compiled into a cache of
-    # their own: the op is compiled again whenever the path of the environment it was built for changes,
-    # and the project's own environment shares torch's default extension cache.
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "snaketune"
-    venvs = cache / "test-envs"
-    shutil.rmtree(venvs, ignore_errors=True)
+    venvs = tmp_path / "venvs"
     pythons = {env.stem: build_venv(uv_bin, env, venvs / env.stem, links) for env in sorted((ROOT / "envs").glob("*.yaml"))}
     built = time.monotonic() - started
     for name, python in pythons.items():
@@ -268,7 +263,9 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
     talking = build_talking_model(tmp_path / "talking")
     config = chain_config(wd / "config.yaml", talking)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["TORCH_EXTENSIONS_DIR"] = str(cache / "test-torch-extensions")
+    # DeepSpeed compiles its CPU op for each fresh env; in torch's shared extension cache that build would
+    # replace the one of the project's own environment, which would then compile it again
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     args = {**ARGS, "replay_data": ["--model", talking]}
     for script in CHAIN:
         python, step_started = pythons[SCRIPT_RULE.get(script, script)], time.monotonic()
