@@ -29,8 +29,12 @@ from trainer_vs_hf import cpu_model  # noqa: E402  (one description of the machi
 
 
 def find_links() -> str:
-    links = os.environ.get("PIP_FIND_LINKS") or subprocess.run(
-        [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True).stdout
+    links = (
+        os.environ.get("PIP_FIND_LINKS")
+        or subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
+        ).stdout
+    )
     return links.strip()
 
 
@@ -40,8 +44,20 @@ def build(env: Path, dest: Path, uv: str, links: str, cache: dict) -> float:
     pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
     started = time.monotonic()
     subprocess.run([uv, "venv", "--quiet", "--seed", "--python", python, str(dest)], check=True, env=cache)
-    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(dest / "bin" / "python"),
-                    *(["--find-links", links] if links else []), *pip], check=True, env=cache)
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(dest / "bin" / "python"),
+            *(["--find-links", links] if links else []),
+            *pip,
+        ],
+        check=True,
+        env=cache,
+    )
     return time.monotonic() - started
 
 
@@ -56,15 +72,23 @@ def main() -> None:
         cache = dict(os.environ, **({"UV_CACHE_DIR": f"{tmp}/cache"} if args.cold else {}))
         for env in sorted((ROOT / "envs").glob("*.yaml")):
             seconds = build(env, Path(tmp) / env.stem, uv, links, cache)
-            kib = int(subprocess.run(["du", "-sk", str(Path(tmp) / env.stem)], capture_output=True, text=True,
-                                     check=True).stdout.split()[0])
+            kib = int(
+                subprocess.run(
+                    ["du", "-sk", str(Path(tmp) / env.stem)], capture_output=True, text=True, check=True
+                ).stdout.split()[0]
+            )
             rows.append({"env": env.name, "build_s": round(seconds, 1), "size_mb": round(kib / 1024)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    result = {"uv_cache": "cold" if args.cold else "as found", "find_links": bool(links),
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
-              "date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "envs": rows,
-              "total_build_s": round(sum(r["build_s"] for r in rows), 1),
-              "total_size_mb": sum(r["size_mb"] for r in rows)}
+    result = {
+        "uv_cache": "cold" if args.cold else "as found",
+        "find_links": bool(links),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.strip(),
+        "envs": rows,
+        "total_build_s": round(sum(r["build_s"] for r in rows), 1),
+        "total_size_mb": sum(r["size_mb"] for r in rows),
+    }
     out = ROOT / "bench" / "results" / ("envs_cold.json" if args.cold else "envs.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("| env | build (s) | size (MB) |\n|---|---:|---:|")

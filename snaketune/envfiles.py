@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
-
 import tomllib  # Python 3.11+: the generator is a maintainer's tool, run with the env files' Python
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = "3.11"
@@ -77,17 +76,26 @@ def env_file(rule: str, proj: dict) -> str:
     groups = RULES[rule]
     conda = [f"python={PYTHON}", *CONDA_ONLY.get(rule, []), "pip"]
     # no rule name in the file: rules with the same groups get the same file, which Snakemake builds once
-    lines = [NOTICE, f"# groups: {', '.join(groups) or 'none (the package only)'}", "channels:", "  - conda-forge",
-             "  - nodefaults", "dependencies:"]
+    lines = [
+        NOTICE,
+        f"# groups: {', '.join(groups) or 'none (the package only)'}",
+        "channels:",
+        "  - conda-forge",
+        "  - nodefaults",
+        "dependencies:",
+    ]
     lines += [f"  - {dep}" for dep in conda]
     lines += ["  - pip:"] + [f"      - {req}" for req in requirements(groups, proj)]
     return "\n".join(lines) + "\n"
 
 
 def requirements_txt(proj: dict) -> str:
-    header = [NOTICE, "# The default run in one environment (the `all` group): pip install -r requirements.txt -e .",
-              "# torch resolves to the CPU wheel where pip offers one; on a GPU machine install the CUDA build",
-              "# of the same version first (docs/gpu.md)."]
+    header = [
+        NOTICE,
+        "# The default run in one environment (the `all` group): pip install -r requirements.txt -e .",
+        "# torch resolves to the CPU wheel where pip offers one; on a GPU machine install the CUDA build",
+        "# of the same version first (docs/gpu.md).",
+    ]
     return "\n".join(header + requirements(["all"], proj)) + "\n"
 
 
@@ -107,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} differs from pyproject.toml: run python -m snaketune.envfiles",
-                  file=sys.stderr)
+            print(
+                f"{path.relative_to(ROOT)} differs from pyproject.toml: run python -m snaketune.envfiles",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path in stale:
         path.write_text(files[path])

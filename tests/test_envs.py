@@ -57,7 +57,9 @@ def test_env_pins_agree_with_requirements():
         env_pins = pins(pip)
         assert env_pins, f"{env.name} pins nothing"
         for name, version in env_pins.items():
-            assert REQUIREMENTS.get(name) == version, f"{env.name}: {name}=={version}, requirements.txt has {REQUIREMENTS.get(name)}"
+            assert REQUIREMENTS.get(name) == version, (
+                f"{env.name}: {name}=={version}, requirements.txt has {REQUIREMENTS.get(name)}"
+            )
         unpinned = [d for d in pip if not d.startswith("-") and "==" not in d]
         assert not unpinned, f"{env.name}: unpinned {unpinned}"
         # each env file stands alone (Snakemake copies it alone into a container): no path, no
@@ -194,8 +196,21 @@ def build_venv(uv_bin: str, env: Path, dest: Path, links: str) -> Path:
     run([uv_bin, "venv", "--quiet", "--seed", "--python", python, dest])
     # the project's pins as constraints: a package the file leaves out but another one needs still comes at
     # the project's version (never a CUDA torch from PyPI), and the check below names it
-    run([uv_bin, "pip", "install", "--quiet", "--python", dest / "bin" / "python", "--find-links", links,
-         "--constraint", ROOT / "requirements.txt", *pip_list(env)])
+    run(
+        [
+            uv_bin,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            dest / "bin" / "python",
+            "--find-links",
+            links,
+            "--constraint",
+            ROOT / "requirements.txt",
+            *pip_list(env),
+        ]
+    )
     return dest / "bin" / "python"
 
 
@@ -216,10 +231,20 @@ def chain_config(path: Path, talking: Path) -> Path:
     questions.write_text("".join(general[:12]))
     config = json.loads(json.dumps(TINY_CONFIG))
     config["models"]["talking"] = {"source": "local", "path": str(talking)}
-    config["datasets"].update({
-        "xt": {"format": "xtuner", "path": str(XTUNER / "data.json")},
-        "rp": {"generator": "replay", "spec": {"model": "talking", "template": "internlm2_chat",
-                                               "questions": str(questions), "max_new_tokens": 6}}})
+    config["datasets"].update(
+        {
+            "xt": {"format": "xtuner", "path": str(XTUNER / "data.json")},
+            "rp": {
+                "generator": "replay",
+                "spec": {
+                    "model": "talking",
+                    "template": "internlm2_chat",
+                    "questions": str(questions),
+                    "max_new_tokens": 6,
+                },
+            },
+        }
+    )
     tiny = config["experiments"]["tiny"]
     tiny["dataset"] = ["sc", "xt", {"name": "rp", "loss": "kl"}]
     tiny["train"].update(max_epochs=1, evaluation_freq=1000)
@@ -229,8 +254,19 @@ def chain_config(path: Path, talking: Path) -> Path:
 
 
 # Each rule's script by hand, in the order the workflow runs them (the defaults are the workflow's paths).
-CHAIN = ["fetch_model", "generate_data", "convert_data", "replay_data", "mix_data", "check_data", "train", "pth_to_hf",
-         "merge", "evaluate", "report"]
+CHAIN = [
+    "fetch_model",
+    "generate_data",
+    "convert_data",
+    "replay_data",
+    "mix_data",
+    "check_data",
+    "train",
+    "pth_to_hf",
+    "merge",
+    "evaluate",
+    "report",
+]
 ARGS = {"train": ["--threads", "2"]}
 SCRIPT_RULE = {"report": "report_experiment"}
 # what a step imports only on a path the tiny run cannot take offline: hub datasets, downloads, GGUF import
@@ -248,7 +284,9 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
     uv_bin, links = uv(), cpu_torch_links()
     started = time.monotonic()
     venvs = tmp_path / "venvs"
-    pythons = {env.stem: build_venv(uv_bin, env, venvs / env.stem, links) for env in sorted((ROOT / "envs").glob("*.yaml"))}
+    pythons = {
+        env.stem: build_venv(uv_bin, env, venvs / env.stem, links) for env in sorted((ROOT / "envs").glob("*.yaml"))
+    }
     built = time.monotonic() - started
     for name, python in pythons.items():
         env_file = ROOT / "envs" / f"{name}.yaml"
@@ -269,17 +307,40 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
     args = {**ARGS, "replay_data": ["--model", talking]}
     for script in CHAIN:
         python, step_started = pythons[SCRIPT_RULE.get(script, script)], time.monotonic()
-        run([python, ROOT / "scripts" / f"{script}.py", "tiny", "--config", config, *args.get(script, [])], cwd=wd,
-            env=env)
+        run(
+            [python, ROOT / "scripts" / f"{script}.py", "tiny", "--config", config, *args.get(script, [])],
+            cwd=wd,
+            env=env,
+        )
         print(f"{script}: {time.monotonic() - step_started:.0f} s")
     layout = LAYOUT.format(exp="tiny", model="tiny_llama")
-    for made in (layout.mixture, layout.summary, f"{layout.adapter}/adapter_config.json", f"{layout.merged}/config.json",
-                 layout.evaluation_summary, layout.curves, layout.evaluation_page):
+    for made in (
+        layout.mixture,
+        layout.summary,
+        f"{layout.adapter}/adapter_config.json",
+        f"{layout.merged}/config.json",
+        layout.evaluation_summary,
+        layout.curves,
+        layout.evaluation_page,
+    ):
         assert (wd / made).is_file(), made
 
     internlm2 = build_internlm2(tmp_path / "internlm2").path
-    run([pythons["fetch_model"], ROOT / "scripts" / "fetch_model.py", "tiny", "--config", config,
-         "--set", f"models.tiny_llama.path={internlm2}", "--output", tmp_path / "converted"], cwd=wd, env=env)
+    run(
+        [
+            pythons["fetch_model"],
+            ROOT / "scripts" / "fetch_model.py",
+            "tiny",
+            "--config",
+            config,
+            "--set",
+            f"models.tiny_llama.path={internlm2}",
+            "--output",
+            tmp_path / "converted",
+        ],
+        cwd=wd,
+        env=env,
+    )
     assert (tmp_path / "converted" / "config.json").is_file()
     print(f"built {len(pythons)} envs in {built:.0f} s; whole test {time.monotonic() - started:.0f} s")
 
@@ -291,13 +352,23 @@ def test_the_real_conda_envs_build_and_run_the_tiny_workflow(tmp_path):
     from .helpers import copy_workflow, snakemake
 
     if not (shutil.which("conda") or shutil.which("mamba")):
-        pytest.skip("no conda or mamba on PATH: the envs are built as virtual environments instead "
-                    "(test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file)")
+        pytest.skip(
+            "no conda or mamba on PATH: the envs are built as virtual environments instead "
+            "(test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file)"
+        )
     wd = copy_workflow(tmp_path / "wf")
     (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
     env = dict(os.environ, CONDA_PKGS_DIRS=str(tmp_path / "pkgs"))
-    snakemake(wd, "--sdm", "conda", "--conda-prefix", tmp_path / "conda-envs", "--conda-create-envs-only",
-              "final_model", env=env)
+    snakemake(
+        wd,
+        "--sdm",
+        "conda",
+        "--conda-prefix",
+        tmp_path / "conda-envs",
+        "--conda-create-envs-only",
+        "final_model",
+        env=env,
+    )
     snakemake(wd, "--sdm", "conda", "--conda-prefix", tmp_path / "conda-envs", "final_model", env=env)
     layout = LAYOUT.format(exp="tiny", model="tiny_llama")
     assert (wd / layout.evaluation_summary).is_file() and (wd / layout.merged / "config.json").is_file()
