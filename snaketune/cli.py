@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     add = _subcommands(p.add_subparsers(dest="command", required=True))
     for group in (
         _data_and_model_commands,
@@ -558,8 +559,33 @@ def _replay_and_mix_commands(add) -> None:
     sp.add_argument("--sources", help=f"what went in, for provenance (default: {HELP_PATHS.mixture_sources})")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("snaketune")
+    except PackageNotFoundError:  # a checkout used without `pip install -e .`
+        return "unknown (not installed)"
+
+
+def _suggest(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A mistyped command gets the closest real one, as git and pip answer, instead of argparse's list."""
+    import difflib
+
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    word = argv[0] if argv else ""
+    if not word or word.startswith("-") or word in commands:
+        return
+    close = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    parser.exit(2, f"snaketune: '{word}' is not a command.{hint} See 'snaketune --help'.\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    _suggest(parser, argv)
+    args = parser.parse_args(argv)
     with job(args.log):
         args.func(args)
 
