@@ -3,14 +3,12 @@ matches config/schema.yaml, every cited result file exists, every `snaketune` su
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .helpers import ROOT, SNAKEMAKE, conda_on_path, copy_workflow, planned_rules
+from .helpers import ROOT, SNAKEMAKE, conda_on_path, copy_workflow, planned_rules, run, run_cli
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -64,16 +62,16 @@ def test_every_snakemake_command_of_the_docs_runs_as_printed(tmp_path):
             # not plans: one reports on a finished run (test_workflow.py::test_report_...), the other
             # creates conda envs even with -n (the env files: test_envs.py and test_containerize...)
             continue
-        res = subprocess.run([*SNAKEMAKE, *argv, "-n"], cwd=wd, capture_output=True, text=True, env=env, check=False)
+        res = run([*SNAKEMAKE, *argv, "-n"], cwd=wd, env=env, check=False)
         assert res.returncode == 0, f"{doc}: {command}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
         assert "final_model" in planned_rules(res), f"{doc}: {command}"
 
 
-def _block_after(doc: Path, heading: str) -> str:
-    """The first ```bash block after a heading of a doc, continuation lines joined."""
+def commands_after(doc: Path, heading: str) -> list[str]:
+    """The commands of the first ```bash block after a heading of a doc (:func:`fenced_commands`)."""
     text = doc.read_text()
-    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
-    return block.replace("\\\n", " ")
+    block = re.search(r"^```bash\n.*?^```", text[text.index(heading) :], re.DOTALL | re.MULTILINE)
+    return fenced_commands(block.group(0))
 
 
 @pytest.mark.slow  # a Snakemake dry run per preset
@@ -82,11 +80,7 @@ def test_preset_commands_plan_every_step_as_printed(tmp_path):
     run: every step is planned (an earlier text put the target after --configfile, which took it
     for a config file)."""
     wd = copy_workflow(tmp_path / "wf")
-    documented = [
-        line
-        for line in _block_after(ROOT / "docs/gpu.md", "## XTuner's presets").splitlines()
-        if line.startswith("snakemake ")
-    ]
+    documented = [c for c in commands_after(ROOT / "docs/gpu.md", "## XTuner's presets") if c.startswith("snakemake ")]
     headers = [
         p.read_text().splitlines()[1].lstrip("# ").strip() for p in sorted((wd / "config/presets").glob("*.yaml"))
     ]
@@ -94,7 +88,7 @@ def test_preset_commands_plan_every_step_as_printed(tmp_path):
     for command in documented + headers:
         argv = shlex.split(command)
         assert argv[0] == "snakemake"
-        res = subprocess.run([*SNAKEMAKE, *argv[1:], "-n"], cwd=wd, capture_output=True, text=True, check=False)
+        res = run([*SNAKEMAKE, *argv[1:], "-n"], cwd=wd, check=False)
         assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
         assert planned_rules(res) == {
             "fetch_model",
@@ -183,9 +177,7 @@ def test_every_snaketune_subcommand_in_the_docs_is_real():
     found = snaketune_subcommands()
     assert {sub for _, sub in found} >= {"chat", "web", "train", "pth_to_hf", "merge", "list-cfg"}
     for sub in sorted({sub for _, sub in found}):
-        res = subprocess.run(
-            [sys.executable, "-m", "snaketune.cli", sub, "--help"], capture_output=True, text=True, check=False
-        )
+        res = run_cli(sub, "--help", check=False)
         docs = sorted(doc for doc, s in found if s == sub)
         assert res.returncode == 0, f"`snaketune {sub}` ({', '.join(docs)}) is no subcommand:\n{res.stderr[-1500:]}"
 
