@@ -74,6 +74,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts (adapters, optimizer states, checkpoints) hold the same keys, at least one, and equal
+    tensors under each: a comparison that cannot pass on nothing, nor on a subset."""
+    import torch
+
+    assert a, "the first state dict is empty: there is nothing to compare"
+    assert a.keys() == b.keys(), (
+        f"the keys differ: only in the first {sorted(a.keys() - b.keys())[:3]}, "
+        f"only in the second {sorted(b.keys() - a.keys())[:3]}"
+    )
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} of {len(a)} tensors differ, e.g. {unequal[0]}"
+
+
 # ---------------------------------------------------------------- the workflow
 
 

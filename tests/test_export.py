@@ -12,7 +12,7 @@ from snaketune.lora_state import read_lora_state
 from snaketune.merge import merge
 from snaketune.model import load_peft_model
 
-from .helpers import TINY_BASE, run_cli
+from .helpers import TINY_BASE, assert_same_state, run_cli
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
@@ -48,7 +48,7 @@ def test_pth_to_hf_writes_a_peft_adapter_that_peft_loads(checkpoint, tmp_path):
     model = PeftModel.from_pretrained(base_model(), out)
     state = read_lora_state(checkpoint)
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
-    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k].float()) for k in state)
+    assert_same_state(loaded, {k: v.float() for k, v in state.items()})
     assert not torch.allclose(logits(model), logits(base_model()))  # the adapter changes the model
 
 

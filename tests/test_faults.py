@@ -30,6 +30,7 @@ from .helpers import (
     TINY_BASE,
     TINY_CONFIG,
     XTUNER,
+    assert_same_state,
     copy_workflow,
     interrupted_copy,
     run_cli,
@@ -168,7 +169,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(trained, tmp_pat
     assert json.loads(out.read_text())["resumed_from"] == 4
     assert list((work / "corrupt").glob("*/iter_8.pth")) and not sentinel.exists()
     a, b = read_lora_state(trained / "iter_8.pth"), read_lora_state(work / "iter_8.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(a, b)
 
 
 def test_conversion_verifies_the_checksums(trained, tmp_path):
@@ -217,7 +218,7 @@ def test_rerun_of_a_finished_training_trains_again(trained, tmp_path):
     assert "had finished; training again from iteration 0" in log.read_text()
     assert sorted(p.name for p in work.glob("superseded/*/iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
     a, b = read_lora_state(trained / "iter_8.pth"), read_lora_state(work / "iter_8.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same training, run again
+    assert_same_state(a, b)  # the same training, run again
 
 
 def test_other_weights_with_the_same_config_are_another_model(tmp_path):

@@ -12,7 +12,18 @@ from snaketune.launch import torchrun_command
 from snaketune.lora_state import read_lora_state
 from snaketune.safe_pickle import load_checkpoint
 
-from .helpers import EXACT, TINY, TINY_BASE, kill_at_checkpoint, read_jsonl, run, train_cmd, train_exact, unequal_data
+from .helpers import (
+    EXACT,
+    TINY,
+    TINY_BASE,
+    assert_same_state,
+    kill_at_checkpoint,
+    read_jsonl,
+    run,
+    train_cmd,
+    train_exact,
+    unequal_data,
+)
 
 
 @pytest.mark.slow
@@ -58,7 +69,7 @@ def test_two_rank_checkpoint_converts_and_resumes_on_two_ranks(tmp_path):
     assert summary["resumed_from"] == k and summary["world_size"] == 2
     _, ref = train_exact(tmp_path, "ref", ranks=2, data=data, batch_size=1, accumulative_counts=1)
     a, b = read_lora_state(summary["checkpoint"]), read_lora_state(ref["checkpoint"])
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_state(a, b)
 
 
 @pytest.mark.slow
@@ -109,7 +120,7 @@ def test_two_clean_runs_give_identical_adapters(tmp_path):
     _, a = train_exact(tmp_path, "a", lora={"r": 8, "alpha": 16, "dropout": 0.1})
     _, b = train_exact(tmp_path, "b", lora={"r": 8, "alpha": 16, "dropout": 0.1})
     sa, sb = read_lora_state(a["checkpoint"]), read_lora_state(b["checkpoint"])
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_same_state(sa, sb)
 
 
 def test_torchrun_runs_the_train_step_once_per_rank():

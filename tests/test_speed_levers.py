@@ -23,7 +23,17 @@ from snaketune.checkpoints import complete_checkpoints
 from snaketune.config import LoraConfig, TrainConfig
 from snaketune.lora_state import read_lora_state
 
-from .helpers import TINY_BASE, kill_at_checkpoint, missing, read_jsonl, run, train_cmd, train_exact, unequal_data
+from .helpers import (
+    TINY_BASE,
+    assert_same_state,
+    kill_at_checkpoint,
+    missing,
+    read_jsonl,
+    run,
+    train_cmd,
+    train_exact,
+    unequal_data,
+)
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +313,7 @@ def test_killed_grouped_training_resumes_bit_identical(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["resumed_from"] == k < summary["iterations"]
     a, b = read_lora_state(json.loads(ref_out.read_text())["checkpoint"]), read_lora_state(summary["checkpoint"])
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_state(a, b)
     assert [r["loss"] for r in read_jsonl(work / "metrics.jsonl")] == [
         r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     ]
@@ -512,4 +522,4 @@ def test_the_train_step_runs_on_tcmalloc_and_trains_exactly_as_on_glibc(referenc
     assert f"LD_PRELOAD={tcmalloc}" in log_tc and "LD_PRELOAD" not in log_sys
     assert [r["loss"] for r in m_tc] == [r["loss"] for r in m_sys]
     a, b = read_lora_state(s_tc["checkpoint"]), read_lora_state(s_sys["checkpoint"])
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_state(a, b)

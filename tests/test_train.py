@@ -17,7 +17,16 @@ from snaketune.errors import ConfigError
 from snaketune.lora_state import read_lora_state
 from snaketune.train import lr_factor, window_ends
 
-from .helpers import TINY_BASE, XTUNER, interrupted_copy, kill_at_checkpoint, read_jsonl, run, train_cmd
+from .helpers import (
+    TINY_BASE,
+    XTUNER,
+    assert_same_state,
+    interrupted_copy,
+    kill_at_checkpoint,
+    read_jsonl,
+    run,
+    train_cmd,
+)
 
 
 def test_lr_schedule_is_xtuners_linear_warmup_then_cosine():
@@ -80,7 +89,7 @@ def test_killed_training_resumes_from_newest_checkpoint_and_matches(reference_tr
     assert summary["resumed_from"] == k
     assert f"resuming from {work / f'iter_{k}.pth'}: iteration {k} of 24" in log.read_text()
     a, b = read_lora_state(ref["checkpoint"]), read_lora_state(summary["checkpoint"])
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_state(a, b)
     # the metrics log has each optimizer step once, as in the uninterrupted run
     assert [r["iter"] for r in read_jsonl(work / "metrics.jsonl")] == [
         r["iter"] for r in read_jsonl(ref_work / "metrics.jsonl")
@@ -282,4 +291,4 @@ def test_kill_while_a_checkpoint_is_being_written_skips_it(reference_training, t
     # when checkpoints are taken changes nothing)
     a = read_lora_state(reference_training.summary["checkpoint"])
     b = read_lora_state(json.loads(out.read_text())["checkpoint"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(a, b)

@@ -17,6 +17,7 @@ from .helpers import (
     SNAKEMAKE,
     TINY_BASE,
     TINY_CONFIG,
+    assert_same_state,
     conda_on_path,
     copy_workflow,
     planned_rules,
@@ -287,8 +288,6 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     import signal
     import time
 
-    import torch
-
     from snaketune.checkpoints import COMPLETE
     from snaketune.lora_state import read_lora_state
 
@@ -324,7 +323,7 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     ref = json.loads((finished / "results/tiny/training.json").read_text())
     a = read_lora_state(wd / "work_dirs/tiny" / Path(summary["checkpoint"]).name)
     b = read_lora_state(finished / "work_dirs/tiny" / Path(ref["checkpoint"]).name)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(a, b)
     prov = json.loads((wd / "results/tiny/provenance.json").read_text())
     assert prov["resumed_from"] == [summary["resumed_from"]] and len(prov["runs"]) == 2
 

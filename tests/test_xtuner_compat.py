@@ -11,7 +11,7 @@ from snaketune.adapter import pth_to_hf
 from snaketune.config import ExportConfig, LoraConfig
 from snaketune.safe_pickle import load_checkpoint
 
-from .helpers import XTUNER
+from .helpers import XTUNER, assert_same_state
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)  # XTuner's config.py beside the checkpoints
 
@@ -30,8 +30,8 @@ def convert(tmp_path, ckpt, fp32):
 def test_plain_xtuner_checkpoint_converts_exactly_like_xtuner(tmp_path):
     out, ours = convert(tmp_path, "work_plain/iter_16.pth", fp32=True)
     theirs = load_file(XTUNER / "adapter_plain/adapter_model.safetensors")
-    assert ours.keys() == theirs.keys()
-    assert all(ours[k].dtype == torch.float32 and torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert_same_state(ours, theirs)
+    assert {v.dtype for v in ours.values()} == {torch.float32}
     a = json.loads((out / "adapter_config.json").read_text())
     b = json.loads((XTUNER / "adapter_plain/adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "lora_dropout", "bias", "task_type", "peft_type"):
@@ -44,10 +44,10 @@ def test_deepspeed_xtuner_checkpoint_converts_like_xtuner(tmp_path):
     Our fp16 adapter (the default) equals XTuner's tensor for tensor; our fp32 one rounds to it."""
     theirs = load_file(XTUNER / "adapter_deepspeed/adapter_model.safetensors")
     _, ours16 = convert(tmp_path, "work_deepspeed/iter_16.pth", fp32=False)
-    assert ours16.keys() == theirs.keys()
-    assert all(ours16[k].dtype == torch.float16 and torch.equal(ours16[k], theirs[k].half()) for k in theirs)
+    assert_same_state(ours16, {k: v.half() for k, v in theirs.items()})
+    assert {v.dtype for v in ours16.values()} == {torch.float16}
     _, ours32 = convert(tmp_path, "work_deepspeed/iter_16.pth", fp32=True)
-    assert all(torch.equal(ours32[k].half().float(), theirs[k]) for k in theirs)
+    assert_same_state({k: v.half().float() for k, v in ours32.items()}, theirs)
     assert not all(torch.equal(ours32[k], theirs[k]) for k in theirs)  # ours kept the fp32 bits
 
 
