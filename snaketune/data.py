@@ -33,6 +33,63 @@ LOSSES = ("ce", "kl")  # also what a mixture part's loss may be (config.DatasetP
 # ---------------------------------------------------------------- reading
 
 
+class _Object(dict):
+    """A JSON object that held a key twice: ``json`` alone would keep the last value without a word."""
+
+    duplicate: str
+
+
+def _duplicate_key(value: Any) -> str | None:
+    """Where in ``value`` an object holds a key twice (``conversation[0].input``), or None; a walk
+    with a stack, since a record may nest deeper than Python's recursion limit allows."""
+    stack = [(value, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, _Object):
+            return f"{where}.{node.duplicate}".lstrip(".")
+        if isinstance(node, dict):
+            stack += [(child, f"{where}.{key}") for key, child in node.items()]
+        elif isinstance(node, list):
+            stack += [(child, f"{where}[{i}]") for i, child in enumerate(node)]
+    return None
+
+
+def _parse(text: str, path: Path, index: int | None, where: str) -> Any:
+    """One JSON document (a file, or a line of a JSON-lines file) with duplicate keys and nesting
+    deeper than the parser can follow reported as a bad record, never as a traceback or a silent choice."""
+    duplicates = []
+
+    def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            obj, seen = _Object(obj), set()
+            obj.duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+            duplicates.append(obj)
+        return obj
+
+    try:
+        data = json.loads(text, object_pairs_hook=keep_duplicates)
+    except json.JSONDecodeError as err:
+        if index is None:
+            problem = f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            fix = "the file must hold a JSON list of records, or be a .jsonl file with one record per line"
+        else:
+            problem, fix = f"{where} is not valid JSON ({err.msg})", "write one JSON object per line"
+        raise DataError(path, index, None, problem, fix) from None
+    except RecursionError:
+        raise DataError(
+            path, index, None, f"{where} nests arrays or objects too deeply to read",
+            "a record needs a few levels only (a list of turns of strings): remove the deep nesting",
+        ) from None
+    if duplicates:
+        records = data if index is None and isinstance(data, list) else [data]
+        i, key = next((i, key) for i, rec in enumerate(records) if (key := _duplicate_key(rec)))
+        raise DataError(
+            path, i if index is None else index, key, "appears twice in one object", "keep one of the two values"
+        )
+    return data
+
+
 def read_records(path: str | os.PathLike) -> list[Record]:
     """Read a local JSON list or JSON-lines file; errors name the line or record."""
     path = Path(path)
@@ -48,29 +105,10 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    path,
-                    len(records),
-                    None,
-                    f"line {lineno} is not valid JSON ({err.msg})",
-                    "write one JSON object per line",
-                ) from None
+            if line.strip():
+                records.append(_parse(line, path, len(records), f"line {lineno}"))
         return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            path,
-            None,
-            None,
-            f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
-            "the file must hold a JSON list of records, or be a .jsonl file with one record per line",
-        ) from None
+    data = _parse(text, path, None, "the file")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -132,6 +170,10 @@ def _validate_turn(turn: Any, t: int, n_turns: int, path, index: int) -> dict:
         "input": _need_str(turn, "input", path, index, f"{field}.input", fix),
         "output": _need_str(turn, "output", path, index, f"{field}.output", fix),
     }
+    if not clean["input"].strip() and not clean["output"].strip():
+        raise DataError(
+            path, index, field, "input and output are both empty", "write the turn's text, or delete the turn"
+        )
     for key in ("output_with_loss", "end_of_turn"):
         if key in turn:
             flag = turn[key]

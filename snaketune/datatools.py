@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,16 +40,24 @@ def list_presets(pattern: str | None = None, presets: Path = PRESETS) -> list[st
 
 
 def copy_preset(name: str, dest_dir: str | os.PathLike, presets: Path = PRESETS) -> Path:
-    """Copy preset ``name`` to ``dest_dir/NAME.yaml``; never overwrites."""
+    """Copy preset ``name`` to ``dest_dir/NAME.yaml``; never overwrites, nor writes through a link there.
+
+    ``name`` must be one of :func:`list_presets`' names: a path (``../config``) names no preset.
+    """
     name = name.removesuffix(".yaml")
-    src = presets / f"{name}.yaml"
-    if not src.is_file():
-        raise ConfigError(f"no preset named {name!r}; known: {', '.join(list_presets(presets=presets))}")
-    dest = Path(dest_dir) / src.name
-    if dest.exists():
-        raise FileExistsError(f"{dest} exists; remove it or copy to another directory")
+    known = list_presets(presets=presets)
+    if name not in known:
+        raise ConfigError(f"no preset named {name!r}; known: {', '.join(known)}")
+    src, dest = presets / f"{name}.yaml", Path(dest_dir) / f"{name}.yaml"
+    if os.path.lexists(dest):  # a dangling link too: writing would create its target, wherever it points
+        raise ConfigError(f"{dest} exists; remove it or copy to another directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except FileExistsError:  # made between the check and here
+        raise ConfigError(f"{dest} exists; remove it or copy to another directory") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(src.read_bytes())
     return dest
 
 

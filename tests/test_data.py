@@ -71,6 +71,7 @@ def test_xtuner_fixture_data_validates():
         ),
         ("xtuner", {"conversation": [{"input": "q", "output": "a", "output_with_loss": False}]}, 1, "conversation"),
         ("xtuner", {"conversation": [{"input": "q", "output": "a"}], "loss": "mse"}, 1, "loss"),
+        ("xtuner", {"conversation": [{"system": "s", "input": "", "output": " "}]}, 1, "conversation[0]"),
         ("alpaca", {"input": "x", "output": "y"}, 1, "instruction"),
         ("oasst1", {"txt": "### Human: hi"}, 1, "text"),
         ("openai", {"messages": [{"role": "user"}]}, 1, "messages[0].content"),
@@ -105,6 +106,35 @@ def test_bad_json_file(tmp_path):
     p.write_text("[1, 2")
     with pytest.raises(DataError, match="not valid JSON"):
         read_records(p)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_key_given_twice_names_file_record_and_key(tmp_path, suffix):
+    """json keeps the last of two values without a word; the reader refuses the record instead."""
+    good = '{"conversation": [{"input": "q", "output": "a"}]}'
+    bad = '{"conversation": [{"input": "q", "output": "a", "input": "other"}]}'
+    src = tmp_path / f"d{suffix}"
+    src.write_text(f"[{good}, {bad}]" if suffix == ".json" else f"{good}\n{bad}\n")
+    with pytest.raises(DataError) as err:
+        read_records(src)
+    assert str(err.value) == (
+        f"{src}, record 1, field 'conversation[0].input': appears twice in one object. Fix: keep one of the two values"
+    )
+    out = tmp_path / "out.json"
+    with pytest.raises(DataError):
+        convert_file(str(src), "xtuner", out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_nesting_too_deep_to_read_is_one_line_naming_the_file(tmp_path, suffix):
+    src = tmp_path / f"d{suffix}"
+    src.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError) as err:
+        read_records(src)
+    message = err.value.one_line()
+    assert message.startswith(f"{src}") and "nests arrays or objects too deeply" in message
+    assert "\n" not in message
 
 
 def test_failed_conversion_keeps_the_previous_output(tmp_path):

@@ -71,6 +71,24 @@ def test_copy_cfg_copies_and_never_overwrites(capsys, tmp_path):
     assert code == 1 and name in out  # the error lists the known presets
 
 
+@pytest.mark.parametrize("name", ["../config", "../../../config/config", "../presets/" + PRESETS[0], "/etc/hosts"])
+def test_copy_cfg_copies_only_presets_by_name(capsys, tmp_path, name):
+    """A path is no preset name, even one that leads to a YAML file (config/config.yaml, a preset itself)."""
+    code, out = run(capsys, "copy-cfg", name, tmp_path / "mine")
+    assert code == 1 and f"no preset named {name.removesuffix('.yaml')!r}; known: {', '.join(PRESETS)}" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_cfg_never_writes_through_a_dangling_link(capsys, tmp_path):
+    name = PRESETS[0]
+    (tmp_path / "mine").mkdir()
+    link = tmp_path / "mine" / f"{name}.yaml"
+    link.symlink_to(tmp_path / "elsewhere.yaml")
+    code, out = run(capsys, "copy-cfg", name, tmp_path / "mine")
+    assert code == 1 and f"{link} exists; remove it or copy to another directory" in out
+    assert not (tmp_path / "elsewhere.yaml").exists() and link.is_symlink()
+
+
 # ---------------------------------------------------------------- check-custom-dataset
 
 
@@ -129,6 +147,17 @@ def test_check_names_file_record_and_field_of_bad_records_and_fails(capsys, tmp_
     assert f"{bad}, record 2, field 'output': is a int, not a string" in out
     assert f"{bad}, record 3: is a list, not an object" in out
     assert "BAD DATA" in out
+
+
+def test_check_refuses_a_turn_with_neither_input_nor_output(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = [{"conversation": [{"input": "Q", "output": "A"}]}, {"conversation": [{"input": "", "output": ""}]}]
+    config = experiment(tmp_path, records)
+    code, out = run(capsys, "check-custom-dataset", "--config", config)
+    data = tmp_path / "data.json"
+    assert code == 1 and "2 records, 1 valid, 1 invalid" in out
+    assert f"INVALID {data}, record 1, field 'conversation[0]': input and output are both empty." in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "data.json"]  # nothing written
 
 
 def test_check_fails_when_nothing_can_be_learned(capsys, tmp_path, monkeypatch):
