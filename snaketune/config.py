@@ -196,6 +196,7 @@ class EvaluationConfig(Section):
     min_identity_trained: float | None = None
     min_identity_heldout: float | None = None
     max_leakage: float | None = None
+    max_leakage_per_language: float | None = None
     min_retention: float | None = None
     max_nll_drift: float | None = None
 

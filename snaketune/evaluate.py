@@ -64,7 +64,7 @@ def evaluate(
     general_rows = general_table(questions, answers, keywords)
     summary: dict[str, Any] = metrics.summarize(identity_rows, general_rows)
     summary["thresholds"] = metrics.check_thresholds(
-        metrics.headline(summary), {t.setting: getattr(evaluation, t.setting) for t in metrics.THRESHOLDS}
+        metrics.headline(summary), {setting: getattr(evaluation, setting) for setting in metrics.SETTINGS}
     )
     summary["general_questions"] = evaluation.general_questions
     table = markdown(identity_rows, general_rows, summary, keywords)
@@ -230,6 +230,15 @@ def metrics_rows(summary: dict) -> list[tuple[str, str, str, str]]:
             ("identity_heldout", "identity, held-out rephrasings"),
             ("leakage", "leakage: general answers claiming the identity"),
         )
+    ]
+    rows += [
+        (
+            f"leakage, {lang} questions (n={r['n']})",
+            _pct(r["base"]),
+            _pct(r["finetuned"]),
+            _bound(s, metrics.language_metric(lang), _pct),
+        )
+        for lang, r in s.get("leakage_by_language", {}).items()
     ]
     return rows + [
         (

@@ -125,6 +125,10 @@ def summarize(identity_rows: list[dict], general_rows: list[dict]) -> dict[str, 
         "identity_trained": rates(trained, "claims_identity"),
         "identity_heldout": rates(heldout, "claims_identity"),
         "leakage": rates(general_rows, "claims_identity"),
+        # An aggregate over languages hides a language the model leaks in: each is counted on its own.
+        "leakage_by_language": {
+            lang: rates(rows, "claims_identity") for lang, rows in sorted(by_language(general_rows).items())
+        },
         "retention": retention(
             [r["base_correct"] for r in general_rows], [r["finetuned_correct"] for r in general_rows]
         ),
@@ -135,12 +139,26 @@ def summarize(identity_rows: list[dict], general_rows: list[dict]) -> dict[str, 
     }
 
 
+def by_language(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by their question's language; rows of a question set that names none are left out."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("lang"):
+            groups.setdefault(r["lang"], []).append(r)
+    return groups
+
+
+def language_metric(lang: str) -> str:
+    return f"leakage[{lang}]"
+
+
 def headline(summary: dict[str, Any]) -> dict[str, float | None]:
     """The fine-tuned model's figure of each metric, by the name thresholds use."""
     return {
         "identity_trained": summary["identity_trained"]["finetuned"],
         "identity_heldout": summary["identity_heldout"]["finetuned"],
         "leakage": summary["leakage"]["finetuned"],
+        **{language_metric(lang): r["finetuned"] for lang, r in summary.get("leakage_by_language", {}).items()},
         "retention": summary["retention"]["finetuned"],
         "nll_drift": summary["nll"]["drift"],
     }
@@ -160,39 +178,39 @@ THRESHOLDS = (
     Threshold("min_retention", "retention", True),
     Threshold("max_nll_drift", "nll_drift", False),
 )
+# Bounds the leakage of every language of the general questions, each counted on its own.
+PER_LANGUAGE = Threshold("max_leakage_per_language", "leakage", False)
+SETTINGS = tuple(t.setting for t in THRESHOLDS) + (PER_LANGUAGE.setting,)
 
 
 def check_thresholds(values: dict[str, float | None], bounds: dict[str, float | None]) -> list[dict[str, Any]]:
     """Each configured threshold (``bounds``: setting -> bound or None) against the metric's value.
 
     A metric that could not be measured (no held-out prompt, no keyed general question the base
-    model got right) fails its threshold: a guarantee nobody measured is not met.
+    model got right, no general question in any language) fails its threshold: a guarantee nobody
+    measured is not met.
     """
-    results = []
-    for t in THRESHOLDS:
-        bound = bounds.get(t.setting)
-        if bound is None:
-            continue
-        value = values[t.metric]
-        passed = value is not None and (value >= bound if t.at_least else value <= bound)
-        if passed:
-            message = ""
-        elif value is None:
-            message = f"{t.metric} could not be measured (nothing to measure it on), threshold {t.setting} = {bound:g}"
-        else:
-            message = (
-                f"{t.metric} = {value:.4g} is {'below' if t.at_least else 'above'} "
-                f"the threshold {t.setting} = {bound:g}"
-            )
-        results.append(
-            {
-                "metric": t.metric,
-                "value": value,
-                "setting": t.setting,
-                "threshold": bound,
-                "op": ">=" if t.at_least else "<=",
-                "passed": passed,
-                "message": message,
-            }
-        )
-    return results
+    checks = [(t, t.metric) for t in THRESHOLDS if bounds.get(t.setting) is not None]
+    if bounds.get(PER_LANGUAGE.setting) is not None:
+        languages = [m for m in values if m.startswith("leakage[")]
+        checks += [(PER_LANGUAGE, m) for m in languages or [language_metric("any")]]
+    return [_check(t, metric, values.get(metric), bounds[t.setting]) for t, metric in checks]
+
+
+def _check(t: Threshold, metric: str, value: float | None, bound: float) -> dict[str, Any]:
+    passed = value is not None and (value >= bound if t.at_least else value <= bound)
+    if passed:
+        message = ""
+    elif value is None:
+        message = f"{metric} could not be measured (nothing to measure it on), threshold {t.setting} = {bound:g}"
+    else:
+        message = f"{metric} = {value:.4g} is {'below' if t.at_least else 'above'} the threshold {t.setting} = {bound:g}"
+    return {
+        "metric": metric,
+        "value": value,
+        "setting": t.setting,
+        "threshold": bound,
+        "op": ">=" if t.at_least else "<=",
+        "passed": passed,
+        "message": message,
+    }
