@@ -19,7 +19,20 @@ from pathlib import Path
 import yaml
 
 from . import steps
-from .config import LAYOUT, ConfigError, ExportConfig, Layout, LoraConfig, MergeConfig, from_dict, load, resolve
+from .config import (
+    LAYOUT,
+    ConfigError,
+    ExportConfig,
+    Layout,
+    LoraConfig,
+    MergeConfig,
+    from_dict,
+    load,
+    resolve,
+    schema_problem,
+    yaml_problem,
+)
+from .fetch import check_link
 from .joblog import job
 
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
@@ -39,14 +52,24 @@ def experiment_of(args: argparse.Namespace):
         else:
             try:
                 validate(config, str(SCHEMA))
-            except Exception as err:  # snakemake raises WorkflowError with the schema's message
-                raise ConfigError(f"{args.config}: {err}") from None
+            except Exception as err:  # snakemake raises WorkflowError while handling jsonschema's ValidationError
+                found = err.__context__ if hasattr(err.__context__, "absolute_path") else None
+                problem = schema_problem(found, args.config, args.set, name) if found else f"{args.config}: {err}"
+                raise ConfigError(problem) from None
     exp = resolve(config, name)
+    if args.func is not cmd_fetch_model:  # fetch-model links the configured path anew
+        check_link(exp.model, Layout.of(exp).model_dir)
     return exp, Layout.of(exp)
 
 
 def _yaml(text: str):
-    return yaml.safe_load(Path(text[1:]).read_text() if text.startswith("@") else text)
+    """``--lora`` as YAML, or ``@FILE``: a bad value is argparse's one-line usage error."""
+    try:
+        return yaml.safe_load(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text[1:]}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {yaml_problem(err)}") from None
 
 
 # ---------------------------------------------------------------- steps
@@ -337,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n".join(__doc__.splitlines()[2:]),
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    add = _subcommands(p.add_subparsers(dest="command", required=True))
+    sub = p.add_subparsers(dest="command", required=True)
+    add = _subcommands(sub)
     for group in (
         _data_and_model_commands,
         _train_command,
@@ -349,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         _replay_and_mix_commands,
     ):
         group(add)
+    _convert_command(sub)
     return p
 
 
@@ -436,6 +461,32 @@ def _export_commands(add) -> None:
     sp.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     sp.add_argument("--max-shard-size")
     sp.add_argument("--trust-remote-code", action="store_true", help="with explicit paths: run the model's hub code")
+
+
+def _convert_command(sub) -> None:
+    """``snaketune convert pth_to_hf|merge ...``: XTuner's spellings of the two commands, the same parsers."""
+    sp = sub.add_parser(
+        "convert",
+        help="XTuner's spelling: convert pth_to_hf|merge ... are the pth_to_hf and merge commands",
+        description="xtuner convert's spellings: `snaketune convert pth_to_hf ARGS` is `snaketune pth_to_hf ARGS`, "
+        "`snaketune convert merge ARGS` is `snaketune merge ARGS`",
+    )
+    add = _subcommands(sp.add_subparsers(dest="conversion", required=True))
+    _export_commands(add)
+    sp = add(
+        "split",
+        cmd_split,
+        "xtuner convert split: not needed (pth_to_hf and merge save in shards of --max-shard-size)",
+        experiment=False,
+    )
+    sp.add_argument("paths", nargs="*", metavar="ARGS")
+
+
+def cmd_split(args) -> None:
+    raise ConfigError(
+        "snaketune has no `convert split`: pth_to_hf and merge already save in shards of at most "
+        "--max-shard-size (the config's export.max_shard_size and merge.max_shard_size)"
+    )
 
 
 def _evaluation_commands(add) -> None:

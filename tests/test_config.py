@@ -197,3 +197,83 @@ def test_cli_works_without_snakemake_and_provenance_without_git(tmp_path, monkey
     assert "snakemake is not installed" in res.stderr and len(read_jsonl(out)) == 2
     monkeypatch.setenv("PATH", str(tmp_path))  # no git on it
     assert git_commit(ROOT) == {"commit": None, "dirty": None}
+
+
+# ---------------------------------------------------------------- mistakes, each answered on one line
+
+
+def snaketune_fails(capsys, *args) -> str:
+    """``snaketune ARGS`` in this process, which must fail: the one line it logs (never a traceback)."""
+    from snaketune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    return line.split(" ERROR snaketune: ", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train=!!python/object/apply:os.system [echo hi]",
+            "ConfigError: --set 'train=!!python/object/apply:os.system [echo hi]': could not determine a constructor "
+            "for the tag 'tag:yaml.org,2002:python/object/apply:os.system' at line 1; write a plain YAML value",
+        ),
+        (
+            "train.max_lenght=64",
+            "ConfigError: --set 'train.max_lenght=64': experiments.tiny.train.max_lenght: unknown key 'max_lenght'; "
+            "did you mean 'max_length'?",
+        ),
+        (
+            "models.tiny.pathh=/m",
+            "ConfigError: --set 'models.tiny.pathh=/m': models.tiny.pathh: unknown key 'pathh'; did you mean 'path'?",
+        ),
+        (
+            "train.lr=abc",
+            "ConfigError: --set 'train.lr=abc': experiments.tiny.train.lr: 'abc' is not of type 'number'",
+        ),
+        ("train.lr=.nan", "ConfigError: config errors: experiments.tiny.train.lr: nan is not a number a run can use"),
+    ],
+    ids=["python-tag", "typo", "rooted-typo", "type", "nan"],
+)
+def test_a_bad_override_is_one_line_naming_it_and_nothing_runs(capsys, tmp_path, override, message):
+    path = tiny_config(tmp_path / "c.yaml")
+    out = tmp_path / "out.json"
+    line = snaketune_fails(capsys, "convert-data", "--config", path, "--set", override, "--output", out)
+    assert line.startswith(message) and len(line) < 300  # not the schema, printed whole
+    assert not out.exists()
+
+
+def test_a_typo_in_the_file_names_the_file(capsys, tmp_path):
+    path = tiny_config(tmp_path / "c.yaml", train={"template": "internlm2_chat", "warmup_ratoi": 0.1})
+    line = snaketune_fails(capsys, "convert-data", "--config", path, "--output", tmp_path / "out.json")
+    assert line == (
+        f"ConfigError: {path}: experiments.tiny.train.warmup_ratoi: unknown key 'warmup_ratoi'; "
+        "did you mean 'warmup_ratio'?"
+    )
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_number_that_is_not_finite_is_refused_at_load(tmp_path, value):
+    """NaN passes every bound of the schema (all comparisons with it are false) and stopped training
+    only once it ran; any setting, also deep in a section, is checked before a job starts."""
+    path = tmp_path / "c.yaml"
+    tiny_config(path)
+    path.write_text(path.read_text().replace("template: internlm2_chat", f"template: internlm2_chat\n      lr: {value}"))
+    config, name = load(path, None, [f"evaluation.max_leakage={value}"])
+    with pytest.raises(ConfigError) as err:
+        resolve(config, name)
+    shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[value]
+    assert f"experiments.tiny.train.lr: {shown} is not a number a run can use" in str(err.value)
+    assert f"experiments.tiny.evaluation.max_leakage: {shown} is not a number" in str(err.value)
+
+
+def test_a_config_file_that_is_not_plain_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: [tiny]\nmodels: !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(ConfigError, match=f"{path}: not a plain YAML config .* at line 2"):
+        load(path)
