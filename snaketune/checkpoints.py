@@ -18,6 +18,8 @@ refused (a rerun would otherwise resume, and prune, outside the work directory).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -27,6 +29,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -92,7 +95,15 @@ def torn_checkpoints(work_dir: Path) -> list[Path]:
 
 
 def marker(ckpt: Path) -> dict:
-    return json.loads((ckpt / COMPLETE).read_text())
+    """The completion marker's record; a damaged marker is a damaged checkpoint (CheckpointError)."""
+    path = ckpt / COMPLETE
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the completion marker is damaged") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} holds {type(record).__name__}, not the completion marker's record")
+    return record
 
 
 def move_aside(paths: list[Path], work_dir: Path, why: str) -> Path | None:
@@ -107,8 +118,15 @@ def move_aside(paths: list[Path], work_dir: Path, why: str) -> Path | None:
 
 
 def set_aside(work_dir: Path, current: str) -> Path | None:
-    """Move checkpoints of another run definition out of the way."""
-    stale = [p for _, p in complete_checkpoints(work_dir) if marker(p).get("fingerprint") != current]
+    """Move checkpoints of another run definition out of the way. One whose marker is damaged is left for
+    :func:`tidy`'s verification, which moves it to ``corrupt/``: its run definition is unknown."""
+    stale = []
+    for _, p in complete_checkpoints(work_dir):
+        try:
+            if marker(p).get("fingerprint") != current:
+                stale.append(p)
+        except CheckpointError:
+            continue
     return move_aside(stale, work_dir, "superseded")
 
 
@@ -227,30 +245,59 @@ def save(engine, work_dir: Path, iteration: int, *, fingerprint: str, keep: int)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = f"iter_{iteration}.pth"
-    engine.save_checkpoint(
-        str(work_dir),
-        tag=tag,
-        client_state={"iteration": iteration, "world_size": world},
-        exclude_frozen_parameters=True,
-    )
-    torch.save(rng_state(), work_dir / tag / f"rng_state_{rank}.pt")
+    with _writing(work_dir / tag):
+        engine.save_checkpoint(
+            str(work_dir),
+            tag=tag,
+            client_state={"iteration": iteration, "world_size": world},
+            exclude_frozen_parameters=True,
+        )
+        torch.save(rng_state(), work_dir / tag / f"rng_state_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        write_json(
-            work_dir / tag / COMPLETE,
-            {
-                "iteration": iteration,
-                "world_size": world,
-                "fingerprint": fingerprint,
-                "files": checksums(work_dir / tag),
-            },
-        )
-        write_text(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
+        with _writing(work_dir / tag):  # the marker goes last: a checkpoint whose writing failed has none
+            write_json(
+                work_dir / tag / COMPLETE,
+                {
+                    "iteration": iteration,
+                    "world_size": world,
+                    "fingerprint": fingerprint,
+                    "files": checksums(work_dir / tag),
+                },
+            )
+            write_text(work_dir / "last_checkpoint", str((work_dir / tag).resolve()))
         done = complete_checkpoints(work_dir)
         for _, old in done[:-keep]:
             shutil.rmtree(old)
         log.info("saved %s", work_dir / tag)
     dist.barrier()
+
+
+@contextlib.contextmanager
+def _writing(ckpt: Path) -> Iterator[None]:
+    """A failed write of ``ckpt`` becomes one line naming it and the reason. A full disk surfaces as
+    OSError, or from torch's C++ writer as a RuntimeError that says only "basic_ios::clear"."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if getattr(err, "errno", None) == errno.ENOSPC or _no_space_left(ckpt.parent):
+            reason = "no space left on device"
+        elif isinstance(err, OSError) and err.strerror:
+            reason = err.strerror
+        else:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise CheckpointError(
+            f"writing checkpoint {ckpt} failed: {reason}; it is incomplete (no {COMPLETE}) and is never resumed",
+            hint=f"free space under {ckpt.parent} (or point --work-dir elsewhere) and run again: training "
+            "resumes from the last complete checkpoint",
+        ) from None
+
+
+def _no_space_left(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def load(engine, ckpt: Path) -> int:

@@ -33,6 +33,7 @@ from .helpers import (
     assert_same_state,
     copy_workflow,
     interrupted_copy,
+    missing,
     run_cli,
     snakemake,
     tiny_config,
@@ -148,36 +149,86 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
-@pytest.mark.parametrize("damage", ["overwrite_64_bytes", "truncate", "payload"])
-@pytest.mark.slow
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(trained, tmp_path, damage):
-    """The newest checkpoint's optimizer file changed after it was written (64 bytes, a truncation, or a
-    payload without a matching checksum): the rerun moves it aside, says which file, and resumes from
-    the previous one, ending as an uninterrupted run does."""
-    work, out = interrupted_copy(trained, tmp_path)
-    target = work / "iter_8.pth" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    sentinel = tmp_path / "PAYLOAD_RAN"
+def not_json(path: Path) -> None:
+    path.write_text(path.read_text()[:-20])
+
+
+# each kind of file a checkpoint holds, damaged in a different way
+DAMAGES = [
+    ("mp_rank_00_model_states.pt", "overwrite_64_bytes", "changed since it was written"),
+    ("rng_state_0.pt", "truncate", "changed since it was written"),
+    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "payload", "changed since it was written"),
+    (COMPLETE, "not_json", "is not valid JSON"),
+]
+
+
+def damage_file(target: Path, damage: str, sentinel: Path) -> None:
     if damage == "payload":
         plant(target, sentinel, update_marker=False)
     else:
         globals()[damage](target)
+
+
+@pytest.mark.parametrize("name, damage, problem", DAMAGES)
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(trained, tmp_path, name, damage, problem):
+    """A file of the newest checkpoint changed after it was written (64 bytes of the weights, a truncated
+    random state, a payload in the optimizer state without a matching checksum, a completion marker cut
+    short): the rerun moves it aside, says which file, and resumes from the previous one, ending as an
+    uninterrupted run does."""
+    work, out = interrupted_copy(trained, tmp_path)
+    target = work / "iter_8.pth" / name
+    sentinel = tmp_path / "PAYLOAD_RAN"
+    damage_file(target, damage, sentinel)
     log = tmp_path / "train.log"
     res = rerun(work, out, log)
     assert res.returncode == 0, res.stderr[-3000:]
     text = log.read_text()
-    assert f"not resuming from {work / 'iter_8.pth'}: {target} changed since it was written" in text
+    assert f"not resuming from {work / 'iter_8.pth'}: {target} {problem}" in text
     assert json.loads(out.read_text())["resumed_from"] == 4
     assert list((work / "corrupt").glob("*/iter_8.pth")) and not sentinel.exists()
     a, b = read_lora_state(trained / "iter_8.pth"), read_lora_state(work / "iter_8.pth")
     assert_same_state(a, b)
 
 
-def test_conversion_verifies_the_checksums(trained, tmp_path):
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_complete_checkpoint(tmp_path):
+    """The work directory on a file system too small for one checkpoint: a 128 KiB tmpfs, mounted in a
+    user and mount namespace of the test's own (``unshare -Urm``), so no root is needed and the disk
+    fills for real. The save stops with one line naming the checkpoint and the reason; what it wrote
+    has no completion marker, so no rerun resumes from it."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
+        missing("unshare -Urm (user and mount namespaces) to mount a small tmpfs without root")
+    work = tmp_path / "small"
+    work.mkdir()
+    mount_and_train = 'mount -t tmpfs -o size=128k tmpfs "$0" || exit 99; "$@"; rc=$?; find "$0" >"$0.files"; exit $rc'
+    cmd = ["unshare", "-Urm", "sh", "-c", mount_and_train, str(work), *train_cmd(work, tmp_path / "out.json")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode not in (0, 99), res.stderr[-3000:]
+    ckpt = work / "iter_4.pth"
+    assert f"CheckpointError: writing checkpoint {ckpt} failed: no space left on device" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out.json").exists()
+    written = (tmp_path / "small.files").read_text().split()
+    assert f"{ckpt}/mp_rank_00_model_states.pt" in written and f"{ckpt}/{COMPLETE}" not in written
+
+
+def test_the_completion_marker_covers_every_file_of_the_checkpoint(trained):
+    for ckpt in (trained / "iter_4.pth", trained / "iter_8.pth"):
+        listed = json.loads((ckpt / COMPLETE).read_text())["files"]
+        on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != COMPLETE}
+        assert set(listed) == on_disk and set(RESUME_FILES) <= on_disk
+        assert all(listed[name] == sha256_file(ckpt / name) for name in listed)
+
+
+@pytest.mark.parametrize("name, damage, problem", DAMAGES)
+def test_conversion_verifies_the_checksums(trained, tmp_path, name, damage, problem):
+    """Each kind of file, damaged: the conversion refuses the checkpoint, naming the file, and writes nothing."""
     ckpt = tmp_path / "iter_8.pth"
     shutil.copytree(trained / "iter_8.pth", ckpt)
-    overwrite_64_bytes(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt changed since it was written"):
+    damage_file(ckpt / name, damage, tmp_path / "PAYLOAD_RAN")
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt / name} {problem}")):
         pth_to_hf(ckpt, tmp_path / "adapter", LORA, str(TINY_BASE), ExportConfig())
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "PAYLOAD_RAN").exists()
 
 
 def test_pth_to_hf_merge_and_evaluation_refuse_non_finite_weights(trained, tmp_path):
