@@ -289,7 +289,7 @@ def from_dict(cls: type, data: Any, where: str):
 
 
 def _closest(key: str, known: list[str]) -> str:
-    """"did you mean 'lr'?" for a misspelt key, else the keys there are."""
+    """The closest known key ("did you mean 'lr'?") for a misspelt one, else the keys there are."""
     close = difflib.get_close_matches(key, known, n=1)
     return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
 

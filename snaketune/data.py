@@ -78,7 +78,10 @@ def _parse(text: str, path: Path, index: int | None, where: str) -> Any:
         raise DataError(path, index, None, problem, fix) from None
     except RecursionError:
         raise DataError(
-            path, index, None, f"{where} nests arrays or objects too deeply to read",
+            path,
+            index,
+            None,
+            f"{where} nests arrays or objects too deeply to read",
             "a record needs a few levels only (a list of turns of strings): remove the deep nesting",
         ) from None
     if duplicates:

@@ -263,7 +263,9 @@ def test_a_number_that_is_not_finite_is_refused_at_load(tmp_path, value):
     only once it ran; any setting, also deep in a section, is checked before a job starts."""
     path = tmp_path / "c.yaml"
     tiny_config(path)
-    path.write_text(path.read_text().replace("template: internlm2_chat", f"template: internlm2_chat\n      lr: {value}"))
+    path.write_text(
+        path.read_text().replace("template: internlm2_chat", f"template: internlm2_chat\n      lr: {value}")
+    )
     config, name = load(path, None, [f"evaluation.max_leakage={value}"])
     with pytest.raises(ConfigError) as err:
         resolve(config, name)
