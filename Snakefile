@@ -2,19 +2,26 @@
 #   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate
 import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 # The snaketune package beside this Snakefile serves the workflow (and every job, through
 # scripts/_workflow.py): conda envs and containers install only its dependencies.
 sys.path.insert(0, workflow.basedir)
+from snaketune.config import validate_schema
 
 
 configfile: "config/config.yaml"
 
 
-validate(config, "config/schema.yaml")
+# One line naming the key (and the closest known one) where Snakemake would print the whole schema.
+validate_schema(
+    config,
+    "config/schema.yaml",
+    ", ".join(workflow.configfiles) or "config",
+    experiment=config.get("run", ""),
+)
 
 
 report: "report/workflow.rst"

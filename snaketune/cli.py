@@ -29,7 +29,7 @@ from .config import (
     from_dict,
     load,
     resolve,
-    schema_problem,
+    validate_schema,
     yaml_problem,
 )
 from .fetch import check_link
@@ -46,16 +46,9 @@ def experiment_of(args: argparse.Namespace):
     config, name = load(args.config, args.experiment, args.set)
     if SCHEMA.is_file():  # the checkout's schema: type checks and defaults, as the workflow does
         try:
-            from snakemake.utils import validate
+            validate_schema(config, SCHEMA, args.config, args.set, name)
         except ImportError:  # a GPU box with only the training stack: the dataclasses still check keys
             log.warning("snakemake is not installed: %s is checked against the config dataclasses only", args.config)
-        else:
-            try:
-                validate(config, str(SCHEMA))
-            except Exception as err:  # snakemake raises WorkflowError while handling jsonschema's ValidationError
-                found = err.__context__ if hasattr(err.__context__, "absolute_path") else None
-                problem = schema_problem(found, args.config, args.set, name) if found else f"{args.config}: {err}"
-                raise ConfigError(problem) from None
     exp = resolve(config, name)
     if args.func is not cmd_fetch_model:  # fetch-model links the configured path anew
         check_link(exp.model, Layout.of(exp).model_dir)

@@ -467,6 +467,21 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(filter(None, [err.context, err.problem, mark and f"at line {mark.line + 1}"]))
 
 
+def validate_schema(
+    config: dict, schema: str | Path, config_file: str | Path, overrides: list[str] = (), experiment: str = ""
+) -> None:
+    """Snakemake's schema check (types, and the schema's defaults filled in), refusing on one line
+    (:func:`schema_problem`) where Snakemake would print the whole schema."""
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema))
+    except Exception as err:  # snakemake raises WorkflowError while handling jsonschema's ValidationError
+        found = err.__context__ if hasattr(err.__context__, "absolute_path") else None
+        problem = schema_problem(found, config_file, list(overrides), experiment) if found else f"{config_file}: {err}"
+        raise ConfigError(problem) from None
+
+
 def schema_problem(error: Any, config_file: str | Path, overrides: list[str], experiment: str) -> str:
     """One line for a config the schema refuses (``error``: jsonschema's ValidationError): where the
     key was set (the ``--set`` argument, else the file), its path, and what is wrong; for an unknown key

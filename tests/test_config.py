@@ -10,7 +10,7 @@ from snaketune import config as cfg
 from snaketune.config import load, resolve
 from snaketune.errors import ConfigError
 
-from .helpers import ROOT, read_jsonl, run_cli, tiny_config
+from .helpers import ROOT, copy_workflow, read_jsonl, run_cli, snakemake, tiny_config
 
 SCHEMA = yaml.safe_load((ROOT / "config/schema.yaml").read_text())
 EXPERIMENT = SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"]
@@ -279,3 +279,19 @@ def test_a_config_file_that_is_not_plain_yaml_names_the_file_and_line(tmp_path):
     path.write_text("run: [tiny]\nmodels: !!python/object/apply:os.system [echo hi]\n")
     with pytest.raises(ConfigError, match=f"{path}: not a plain YAML config .* at line 2"):
         load(path)
+
+
+def test_the_workflow_names_a_typo_in_its_config_on_one_line(tmp_path):
+    """Snakemake's own schema check prints the schema whole; the workflow's names the key instead."""
+    wd = copy_workflow(tmp_path / "wf")
+    path = wd / "config/config.yaml"
+    path.write_text(path.read_text().replace("      warmup_ratio:", "      warmup_ratoi:", 1))
+    res = snakemake(wd, "-n", "final_model", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert (
+        "config/config.yaml: experiments.identity.train.warmup_ratoi: unknown key 'warmup_ratoi'; "
+        "did you mean 'warmup_ratio'?"
+    ) in out
+    assert "additionalProperties" not in out and len(out.splitlines()) < 15, out
+    assert not (wd / "results").exists()
