@@ -5,6 +5,7 @@ snakemake, and evaluation-only questions kept out of training data."""
 import copy
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,15 +13,17 @@ import yaml
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from snaketune import evalsets, metrics
-from snaketune.config import EvaluationConfig
+from snaketune.config import EvaluationConfig, MergeConfig
 from snaketune.data import mix, replay_records
 from snaketune.encoding import encode_prompt
 from snaketune.errors import CheckFailed
 from snaketune.evaluate import evaluate
 from snaketune.generation import Answer, answer_nll, generate_answers
+from snaketune.merge import merge
 from snaketune.model import load_base, load_tokenizer
 
-from .helpers import TINY_BASE, TINY_CONFIG, copy_workflow, snakemake
+from .chat_model import build_adapter, build_talking_model
+from .helpers import TINY_BASE, TINY_CONFIG, copy_workflow, read_jsonl, snakemake
 
 TEMPLATE = "internlm2_chat"
 
@@ -42,6 +45,17 @@ def build_model(out, initializer_range: float, seed: int = 0):
 @pytest.fixture(scope="module")
 def chatty(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("chatty"), 0.2)
+
+
+@pytest.fixture(scope="module")
+def talking(tmp_path_factory):
+    """The chat tests' talking model (its answers stop on some prompts and not on others), a random
+    adapter on it, and their merge."""
+    root = tmp_path_factory.mktemp("talking")
+    base = build_talking_model(root / "base")
+    adapter = build_adapter(base, root / "adapter")
+    merge(base, adapter, root / "merged", TEMPLATE, MergeConfig())
+    return SimpleNamespace(base=base, adapter=adapter, merged=root / "merged")
 
 
 # ---------------------------------------------------------------- metrics on hand-made answers
@@ -347,6 +361,47 @@ def test_the_shipped_general_questions():
     assert len(keyed) >= 40
     # every accepted word matches an answer that is just that word
     assert all(metrics.is_correct(f"{a}.", q.answers) for q in questions for a in q.answers)
+
+
+# ---------------------------------------------------------------- the evaluation's own checks
+
+TALKING_PROMPTS = ["Who are you?", "你是谁", "What is your name?", "Hi"]
+
+
+def evaluate_talking(talking, merged, tmp_path, **settings) -> dict:
+    evaluation = EvaluationConfig(
+        prompts=TALKING_PROMPTS, identity_keywords=["Snaky"], max_new_tokens=16, general_questions=None, **settings
+    )
+    return evaluate(
+        talking.base,
+        talking.adapter,
+        merged,
+        evaluation,
+        template=TEMPLATE,
+        out_jsonl=tmp_path / "evaluation.jsonl",
+        out_md=tmp_path / "evaluation.md",
+        out_summary=tmp_path / "evaluation.json",
+    )
+
+
+def test_a_merge_that_is_not_base_plus_adapter_fails_the_evaluation(talking, tmp_path):
+    """The base model given as the merged one (the real merge passes: the test below)."""
+    with pytest.raises(CheckFailed) as err:
+        evaluate_talking(talking, talking.base, tmp_path, require_stop=False)
+    rows = read_jsonl(tmp_path / "evaluation.jsonl")
+    assert [r["prompt"] for r in rows if r["finetuned"] != r["base_plus_adapter"]] == TALKING_PROMPTS
+    assert all(f"merged model and base + adapter disagree on {p!r}" in str(err.value) for p in TALKING_PROMPTS)
+
+
+def test_require_stop_fails_on_the_answers_that_never_stop_and_only_on_them(talking, tmp_path):
+    with pytest.raises(CheckFailed) as err:
+        evaluate_talking(talking, talking.merged, tmp_path, require_stop=True)
+    ran_on = [r["prompt"] for r in read_jsonl(tmp_path / "evaluation.jsonl") if not r["finetuned_stopped"]]
+    assert 0 < len(ran_on) < len(TALKING_PROMPTS)  # some answers stop, others run to max_new_tokens
+    message = str(err.value)
+    for prompt in TALKING_PROMPTS:
+        assert (f"fine-tuned answer to {prompt!r} never stopped" in message) == (prompt in ran_on), prompt
+    assert "disagree" not in message
 
 
 def test_evaluation_only_questions_in_training_data_fail_before_any_model_is_loaded(tmp_path):
