@@ -67,16 +67,26 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit(directory: str | Path) -> dict[str, Any]:
-    def git(*args: str) -> str | None:
+    """The workflow's commit, whether tracked files changed since (results and logs are untracked, not a
+    change), and if so the SHA-256 of those changes (``git diff HEAD``): two runs from one commit with
+    different edits are told apart."""
+
+    def git(*args: str) -> bytes | None:
         try:
-            res = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
+            res = subprocess.run(["git", "-C", str(directory), *args], capture_output=True)
         except FileNotFoundError:  # no git on this machine: the commit is unknown, not an error
             return None
-        return res.stdout.strip() if res.returncode == 0 else None
+        return res.stdout if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # dirty: tracked files changed since the commit (results and logs are untracked, not a change)
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+    if not commit:
+        return {"commit": None, "dirty": None}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    record: dict[str, Any] = {"commit": commit.decode().strip(), "dirty": dirty}
+    if record["dirty"]:
+        diff = git("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv")
+        record["diff_sha256"] = None if diff is None else hashlib.sha256(diff).hexdigest()
+    return record
 
 
 def write(

@@ -1,5 +1,6 @@
 """The whole workflow through `snakemake`, as a user runs it, on the tiny model."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -326,6 +327,45 @@ def test_killed_training_job_resumes_through_snakemake(finished, tmp_path):
     assert_same_state(a, b)
     prov = json.loads((wd / "results/tiny/provenance.json").read_text())
     assert prov["resumed_from"] == [summary["resumed_from"]] and len(prov["runs"]) == 2
+
+
+def test_provenance_records_a_dirty_tree_and_the_hash_of_its_changes(tmp_path):
+    """A model made from edited workflow files says so in its provenance: ``dirty`` and the SHA-256 of
+    ``git diff HEAD``, which tells two edits of one commit apart. Untracked files (results, logs) are no
+    change."""
+    from snaketune import provenance
+
+    wd = copy_workflow(tmp_path / "wf")
+    git = ["git", "-C", str(wd), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clean"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def recorded() -> dict:
+        out = tmp_path / "provenance.json"
+        provenance.write(
+            out,
+            config={},
+            data_file=wd / "Snakefile",
+            model_dir=TINY_BASE,
+            workflow_dir=wd,
+            seed=0,
+            world_size=1,
+            runs=[],
+            device="cpu",
+        )
+        return json.loads(out.read_text())["workflow"]
+
+    (wd / "results").mkdir()
+    (wd / "results/evaluation.json").write_text("{}")
+    assert recorded() == {"commit": head, "dirty": False}
+    snakefile = wd / "Snakefile"
+    snakefile.write_text(snakefile.read_text() + "# a local edit\n")
+    diff = subprocess.run([*git, "diff", "HEAD", "--binary"], capture_output=True, check=True).stdout
+    first = recorded()
+    assert first == {"commit": head, "dirty": True, "diff_sha256": hashlib.sha256(diff).hexdigest()}
+    snakefile.write_text(snakefile.read_text() + "# another edit\n")
+    assert recorded()["diff_sha256"] not in (None, first["diff_sha256"])
 
 
 @pytest.mark.slow
