@@ -101,6 +101,16 @@ def replay_model(wildcards):
     return LAYOUT.format(model=replay_spec(wildcards).model).model_dir
 
 
+def inference_gpus(wildcards):
+    """resources.gpu of evaluate: one GPU for an experiment trained on GPUs, none on a CPU."""
+    return min(1, resolved(wildcards.exp).gpus)
+
+
+def replay_gpus(wildcards):
+    """resources.gpu of replay_data: one GPU where an experiment of the run trains on GPUs."""
+    return min(1, max((resolved(name).gpus for name in config.get("run", [])), default=0))
+
+
 def replay_trust_remote_code(wildcards):
     model = replay_spec(wildcards).model
     return st_config.ModelConfig.from_dict(config["models"][model]).trust_remote_code

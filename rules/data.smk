@@ -54,6 +54,8 @@ rule replay_data:
         LAYOUT.benchmark("replay_data", "{dataset}")
     conda:
         "../envs/replay_data.yaml"
+    resources:
+        gpu=replay_gpus,
     params:
         dataset=dataset_params,
         trust_remote_code=replay_trust_remote_code,

@@ -17,6 +17,8 @@ rule evaluate:
         LAYOUT.benchmark("evaluate", "{exp}")
     conda:
         "../envs/evaluate.yaml"
+    resources:
+        gpu=inference_gpus,
     params:
         evaluation=section("evaluation"),
         template=template,

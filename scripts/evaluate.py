@@ -11,4 +11,6 @@ if "snakemake" not in globals():
 else:
     with job(snakemake.log[0]):
         # the rule's input, output and params names are the job's fields
-        steps.evaluate(steps.EvaluateJob.from_dict({**snakemake.input, **snakemake.output, **snakemake.params}))
+        # and resources.gpu: the GPUs the job was given
+        fields = {**snakemake.input, **snakemake.output, **snakemake.params}
+        steps.evaluate(steps.EvaluateJob.from_dict({**fields, "gpus": int(snakemake.resources.get("gpu", 0))}))

@@ -16,4 +16,5 @@ else:
             snakemake.input.model,
             snakemake.output[0],
             trust_remote_code=snakemake.params.trust_remote_code,
+            gpus=int(snakemake.resources.get("gpu", 0)),
         )

@@ -28,6 +28,8 @@ else:
                 mixture_sources=next(iter(snakemake.input.mixture_sources), None),  # none for one dataset
                 # null ranks: one per GPU the job got (a profile may set the gpu count)
                 ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
+                gpus=int(snakemake.resources.get("gpu", 0)),
+                experiment_gpus=params.record["gpus"],  # checked against the job's gpus
                 threads=snakemake.threads,
                 workflow_dir=Path(snakemake.scriptdir).parent,
                 log_file=snakemake.log[0],

@@ -36,12 +36,14 @@ def evaluate(
     system: str = "",
     trained_prompts: set[str] = frozenset(),
     trust_remote_code: bool = False,
+    gpus: int | None = None,
     out_jsonl: str | os.PathLike,
     out_md: str | os.PathLike,
     out_summary: str | os.PathLike,
 ) -> dict:
     """Answer, measure, write ``out_jsonl`` (one row per prompt), ``out_md`` and ``out_summary``
-    (the metrics), then fail if an export check or a configured threshold is not met."""
+    (the metrics), then fail if an export check or a configured threshold is not met. The models
+    answer on the job's GPU when it was given one (``gpus``; None, by hand: any visible)."""
     from . import evalsets
     from .data import write_records
     from .files import write_json, write_text
@@ -58,6 +60,7 @@ def evaluate(
         template=template,
         system=system,
         trust_remote_code=trust_remote_code,
+        gpus=gpus,
     )
     keywords = evaluation.identity_keywords
     identity_rows = identity_table(answers, seen, keywords)
@@ -104,12 +107,22 @@ def answer_both(
     template: str,
     system: str,
     trust_remote_code: bool,
+    gpus: int | None = None,
 ) -> dict[str, list]:
     """Every answer the evaluation compares: the base model's (the adapter turned off), base +
-    adapter's and the merged model's; one model in memory at a time."""
+    adapter's and the merged model's; one model in memory at a time.
+
+    All three in one dtype (:func:`snaketune.devices.inference_placement`): on a GPU the merged
+    model's own 16-bit dtype, so that the export check compares it as saved with base + adapter
+    computed at the same precision; fp32 on the CPU."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from .devices import inference_device
     from .model import load_base, load_peft_model, load_tokenizer
+
+    place = inference_device(gpus, merged_dir)
+    device_map = {"": torch.cuda.current_device()} if place.device == "cuda" else place.device
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     ask = dict(system=system, batch_size=evaluation.batch_size)
@@ -117,7 +130,9 @@ def answer_both(
     general = dict(ask, max_new_tokens=evaluation.general_max_new_tokens)
     prompts, general_prompts = evaluation.prompts, [q.question for q in questions]
     out = {}
-    peft_model = load_peft_model(load_base(base_dir, "float32", trust_remote_code), adapter_dir)
+    peft_model = load_peft_model(
+        load_base(base_dir, place.dtype, trust_remote_code, device=place.device), adapter_dir
+    )
     with peft_model.disable_adapter():
         out["base"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
         out["base_general"] = generate_answers(peft_model, tokenizer, template, general_prompts, **general)
@@ -125,7 +140,7 @@ def answer_both(
     out["adapted"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
     del peft_model
     merged_model = AutoModelForCausalLM.from_pretrained(
-        merged_dir, dtype="float32", device_map="cpu", trust_remote_code=trust_remote_code
+        merged_dir, dtype=place.dtype, device_map=device_map, trust_remote_code=trust_remote_code
     )
     out["merged"] = generate_answers(merged_model, tokenizer, template, prompts, **identity)
     out["merged_general"] = generate_answers(merged_model, tokenizer, template, general_prompts, **general)

@@ -165,19 +165,27 @@ def keep_4bit_weights_trainable(model) -> None:
 
 
 def load_base(
-    model_dir: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False, *, quantization: str = "none"
+    model_dir: str | os.PathLike,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    *,
+    quantization: str = "none",
+    device: str | None = None,
 ):
-    """The base model for inference: unquantised on the CPU (merge and evaluation), or ``nf4`` as
-    QLoRA training loads it (4-bit NF4, double quantization; on the GPU when there is one)."""
+    """The base model for inference on ``device`` (default: the CPU, or for ``nf4`` the GPU when there
+    is one): unquantised in ``dtype``, or ``nf4`` as QLoRA training loads it (4-bit NF4, double
+    quantization, computing in the device's compute dtype)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map="cpu", trust_remote_code=trust_remote_code)
+    device = device or (pick_device() if quantization == "nf4" else "cpu")
+    # "cuda" alone would be GPU 0: the current device is the job's own
+    device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     if quantization == "nf4":
-        device = pick_device()
         compute = compute_dtype(device)
-        kwargs.update(dtype=compute, device_map=device, quantization_config=nf4_config(compute))
+        kwargs.update(dtype=compute, quantization_config=nf4_config(compute))
     elif quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r}: use nf4 or none")
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

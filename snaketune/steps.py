@@ -50,13 +50,20 @@ def convert_data(dataset: DatasetConfig, output: PathLike) -> None:
 
 
 def replay_data(
-    dataset: DatasetConfig, model_dir: PathLike, output: PathLike, *, trust_remote_code: bool = False
+    dataset: DatasetConfig,
+    model_dir: PathLike,
+    output: PathLike,
+    *,
+    trust_remote_code: bool = False,
+    gpus: int | None = None,
 ) -> None:
     """The ``replay`` generator: the model's own greedy answers to the training part of a question
-    set (self-distillation). Evaluation-only questions are never asked here."""
+    set (self-distillation). Evaluation-only questions are never asked here. On the job's GPU when
+    it was given one (``gpus``: its resources.gpu; None by hand: any visible), else the CPU."""
     from . import evalsets
     from .config import ReplaySpec
     from .data import DataError, replay_records, write_records
+    from .devices import inference_device
     from .generation import generate_answers
     from .model import load_base, load_tokenizer
 
@@ -70,7 +77,8 @@ def replay_data(
             "no question of split train",
             'mark the questions that may become training data with "split": "train"',
         )
-    model = load_base(model_dir, "float32", trust_remote_code, quantization=spec.quantization)
+    place = inference_device(gpus, model_dir)
+    model = load_base(model_dir, place.dtype, trust_remote_code, quantization=spec.quantization, device=place.device)
     answers = generate_answers(
         model,
         load_tokenizer(model_dir, trust_remote_code),
@@ -185,6 +193,8 @@ class TrainJob(Section):
     record: dict[str, Any] | None = None  # what provenance.json records beside train and model
     mixture_sources: str | None = None  # mix_data's record of a mixture, for the provenance
     ranks: int = 1
+    gpus: int | None = None  # the GPUs the job was given (resources.gpu); None: run by hand
+    experiment_gpus: int | None = None  # the experiment's gpus, which the job's must equal
     threads: int | None = None  # CPU threads in all, shared among the ranks
     workflow_dir: str = "."
     log_file: str | None = None
@@ -223,6 +233,8 @@ def train(job: TrainJob) -> None:
     from .launch import allocator_env, inside_launcher, relaunch
     from .train import train as run
 
+    if not inside_launcher():
+        take_gpus(job)
     env = None if inside_launcher() else allocator_env(job.train.allocator)
     if (job.ranks > 1 or env) and not inside_launcher():
         relaunch(job.ranks, asdict(job.per_rank()), env)
@@ -237,6 +249,17 @@ def train(job: TrainJob) -> None:
     if training_summary is None:  # not rank 0
         return
     _write_results(job, training_summary)
+
+
+def take_gpus(job: TrainJob) -> None:
+    """Before any rank starts: the job's own GPUs on a local run, and its ranks checked against
+    them, the job's allocation and the experiment's gpus (:mod:`snaketune.devices`)."""
+    from . import devices
+
+    devices.assign_gpus(job.gpus or 0)
+    devices.check_ranks(
+        job.ranks, job_gpus=job.gpus, experiment_gpus=job.experiment_gpus, cuda_devices=devices.cuda_device_count()
+    )
 
 
 def _write_results(job: TrainJob, training_summary: dict) -> None:
@@ -310,6 +333,7 @@ class EvaluateJob(Section):
     template: str
     system: str = ""
     trust_remote_code: bool = False
+    gpus: int | None = None  # the job's resources.gpu: answer on its GPU (None, by hand: any visible)
 
 
 def evaluate(job: EvaluateJob) -> dict:
@@ -325,6 +349,7 @@ def evaluate(job: EvaluateJob) -> dict:
         system=job.system,
         trained_prompts=training_prompts(job.data) if job.data else set(),
         trust_remote_code=job.trust_remote_code,
+        gpus=job.gpus,
         out_jsonl=job.answers,
         out_md=job.markdown,
         out_summary=job.summary,

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import checkpoints
 from .batching import Batches, Row, as_rows, encode_dataset, epoch_batches, iters_per_epoch, pack, passes
 from .config import TrainConfig
+from .devices import agreed_minimum, reduce_bucket_elements
 from .encoding import IGNORE_INDEX
 from .errors import TrainingDiverged
 from .files import append_jsonl, filter_jsonl
@@ -60,7 +61,13 @@ def window_ends(total_iters: int, acc: int) -> list[int]:
     return [min(e, total_iters) for e in range(acc, total_iters + acc, acc)]
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
+def deepspeed_config(cfg: TrainConfig, trainable: int) -> dict:
+    """ZeRO-2 for a model of ``trainable`` trainable parameters (the LoRA weights), fp32 master weights.
+
+    DeepSpeed's own bf16/fp16 modes stay off: they would keep the trainable weights in half
+    precision; the forward pass runs under autocast instead (:func:`training_autocast`).
+    """
+    bucket = reduce_bucket_elements(trainable)
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.accumulative_counts,
@@ -68,7 +75,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         # step() is the boundary, so a short last window still steps.
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.max_norm,
-        "zero_optimization": {"stage": 2, "overlap_comm": False},
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": False,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "fp16": {"enabled": False},
@@ -203,7 +215,10 @@ def build_engine(model_dir: Path, cfg: TrainConfig, plan: Plan, device: str, tru
         optimizer, lambda step: lr_factor(starts[min(step, len(starts) - 1)], plan.total_iters, cfg.warmup_ratio)
     )
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, sum(p.numel() for p in params)),
     )
     return engine, optimizer, rows
 
@@ -228,7 +243,8 @@ def fit_to_memory(model, cfg: TrainConfig, plan: Plan, device: str) -> int:
     if cfg.rows_per_pass != "auto" and cfg.gradient_checkpointing != "auto":
         return rows
     longest = max((len(r.input_ids) for r in plan.rows), default=cfg.max_length)
-    config, free = unwrap(model).config, available_memory(device)
+    # every rank must choose the same passes (agreed_minimum says why): the least free memory decides
+    config, free = unwrap(model).config, agreed_minimum(available_memory(device), device)
 
     def need(n: int) -> int:
         return activation_bytes(config, n * longest, cfg.lora.dropout)
@@ -299,7 +315,8 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
     n_sup, n_tok, n_real = counts.tolist()
     loss_total = torch.zeros((), device=engine.device)
     for batch in window:
-        loss_sum = token_loss_sum(engine, *(t if t is None else t.to(engine.device) for t in batch))
+        with training_autocast(engine.device.type):
+            loss_sum = token_loss_sum(engine, *(t if t is None else t.to(engine.device) for t in batch))
         # ZeRO averages gradients over ranks, hence the factor world.
         engine.backward(loss_sum * world / n_sup, scale_wrt_gas=False)
         loss_total += loss_sum.detach()
@@ -316,6 +333,20 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
         "padding_fraction": 1 - n_real / n_tok,
         "supervised_tokens": int(n_sup),
     }
+
+
+def training_autocast(device_type: str):
+    """The forward pass's precision: bf16 autocast on a GPU that has bf16 (attention, the LoRA and
+    output-layer matmuls on its bf16 units; the loss, the LoRA master weights and their gradients
+    stay fp32); fp32 elsewhere. fp16 autocast would need loss scaling, so a GPU without bf16 (and
+    the CPU, where bf16 is slower than fp32) computes the non-quantized layers in fp32."""
+    import contextlib
+
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def check_finite(engine, row: dict, work_dir: Path) -> None:
