@@ -108,7 +108,8 @@ def inference_gpus(wildcards):
 
 def replay_gpus(wildcards):
     """resources.gpu of replay_data: one GPU where an experiment of the run trains on GPUs."""
-    return min(1, max((resolved(name).gpus for name in config.get("run", [])), default=0))
+    gpus = [resolved(name).gpus for name in config.get("run", [])]
+    return min(1, max(gpus, default=0))
 
 
 def replay_trust_remote_code(wildcards):
