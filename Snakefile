@@ -19,7 +19,7 @@ configfile: "config/config.yaml"
 validate_schema(
     config,
     "config/schema.yaml",
-    ", ".join(workflow.configfiles) or "config",
+    ", ".join(map(str, workflow.configfiles)) or "config",
     experiment=config.get("run", ""),
 )
 
