@@ -156,6 +156,14 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
+def autocast_dtype(device: str) -> str | None:
+    """What :func:`snaketune.train.training_autocast` gives this device: the dtype, or None (fp32)."""
+    from snaketune.train import training_autocast
+
+    ctx = training_autocast(device)
+    return str(ctx.fast_dtype).replace("torch.", "") if hasattr(ctx, "fast_dtype") else None
+
+
 def build_random_model(hub_config: dict, model_dir: Path, device: str) -> dict[str, int]:
     """Save a random-weight Llama of the converted shapes (in the compute dtype); its parameter counts."""
     import torch
@@ -323,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
             "timed_steps": steps,
             "quantization": "nf4 + double quantization",
             "compute_dtype": str(compute_dtype(device)).replace("torch.", ""),
+            # the forward pass outside the 4-bit matmuls (snaketune.train.training_autocast)
+            "autocast": autocast_dtype(device),
+            "attention_implementation": getattr(engine.module.config, "_attn_implementation", None),
+            "reduce_bucket_elements": engine.zero_reduce_bucket_size(),
             "lora": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "target_modules": "all-linear"},
             "gradient_checkpointing": not args.no_gradient_checkpointing,
             "optimizer": "torch AdamW (fp32 LoRA weights)",
@@ -358,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "steps": step_rows,
     }
+    if dist.get_rank() != 0:  # on several ranks (torchrun) the figures are per rank, and rank 0's are written
+        dist.barrier()
+        dist.destroy_process_group()
+        return result
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     f = result["figures"]

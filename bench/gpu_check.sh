@@ -17,7 +17,15 @@
 #      DeepSpeed picks its CUDA accelerator;
 #   3. pytest -m gpu tests/test_gpu.py -x   (NF4 + bf16 on CUDA, training by hand, SIGKILL + resume
 #      bit-identical with LoRA dropout, device "cuda" in the summary);
-#   4. python bench/gpu_bench.py            (QLoRA tokens/s, peak memory, MFU at InternLM2-1.8B shapes).
+#   4. python bench/gpu_bench.py            (QLoRA tokens/s, peak memory, MFU at InternLM2-1.8B shapes,
+#      with the bf16 autocast of the forward pass; the JSON names the versions it ran with);
+#   5. on a machine with two or more GPUs only: the same benchmark on two ranks (torchrun, NCCL,
+#      ZeRO-2), gpu_bench_2ranks.json. (Step 3 then also runs the two-GPU tests of tests/test_gpu.py:
+#      ranks that see different free memory agree and finish; a by-hand training on two ranks.)
+#
+# The figures are those of the machine's own torch, transformers and peft (preinstalled there, not
+# the project's pins) and of the wheels in .whl/: the preflight prints every version, and
+# gpu_bench.json records them beside its figures.
 #
 # Dry run on a machine without a GPU (tests skip, the benchmark runs --tiny, nothing is installed):
 #     GPU_CHECK_CPU=1 PYTHON=.venv/bin/python OUT=/tmp/gpu_check bash bench/gpu_check.sh
@@ -33,6 +41,7 @@ PY=${PYTHON:-python3}
 CPU_DRY_RUN=${GPU_CHECK_CPU:-0}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-270}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+TWO_RANK_TIMEOUT=${TWO_RANK_TIMEOUT:-170}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 declare -A STATUS=()
@@ -119,6 +128,15 @@ run_bench() {
   timeout -k 15 "$BENCH_TIMEOUT" "$PY" bench/gpu_bench.py "${args[@]}"
 }
 
+gpu_count() {
+  "$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
+}
+
+run_bench_two_ranks() {
+  timeout -k 15 "$TWO_RANK_TIMEOUT" "$PY" -m torch.distributed.run --nproc_per_node 2 --master_port 29533 \
+    bench/gpu_bench.py --out "$OUT/gpu_bench_2ranks.json"
+}
+
 main() {
   local failed=0
   echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), checkout $ROOT, output $OUT"
@@ -130,6 +148,11 @@ main() {
   if [[ $failed == 0 ]]; then
     step "pytest -m gpu" run_tests || failed=1
     step "benchmark" run_bench || failed=1
+    if [[ $CPU_DRY_RUN != 1 && $(gpu_count) -ge 2 ]]; then
+      step "benchmark, 2 ranks" run_bench_two_ranks || failed=1
+    else
+      echo "(one GPU or none: no two-rank run)"
+    fi
   fi
   echo
   echo "=================== summary"
@@ -145,7 +168,9 @@ f = d["figures"]
 fmt = lambda v, spec: "-" if v is None else format(v, spec)
 print(f"  bench: {d['card']}: {fmt(f['tokens_per_s'], '.0f')} tokens/s, MFU {fmt(f['mfu'], '.1%')}, "
       f"peak {fmt(f['peak_memory_train_gib'], '.2f')} GiB, {fmt(f['seconds_per_optimizer_step'], '.2f')} s/step "
-      f"({d['settings']['tokens_per_optimizer_step']} tokens)")
+      f"({d['settings']['tokens_per_optimizer_step']} tokens), autocast {d['settings'].get('autocast')}")
+v = d["versions"]
+print("  with " + ", ".join(f"{k} {v.get(k)}" for k in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed")))
 EOF
   fi
   echo "  total: $SECONDS s; result: $([[ $failed == 0 ]] && echo PASS || echo FAIL)"

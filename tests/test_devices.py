@@ -16,7 +16,7 @@ from snaketune.config import ModelConfig, TrainConfig, resolve
 from snaketune.devices import DeviceError, Placement, check_ranks, inference_bytes, inference_placement
 from snaketune.launch import free_port
 
-from .helpers import ROOT, SNAKEMAKE, TINY, TINY_BASE, XTUNER, run
+from .helpers import ROOT, SNAKEMAKE, TINY, TINY_BASE, XTUNER, copy_workflow, run
 
 # The shapes of the presets' models (their config.json on the hub), for the memory estimates.
 INTERNLM2_1_8B = dict(
@@ -191,8 +191,9 @@ def _planned_resources(tmp_path: Path) -> dict[tuple[str, str], dict[str, str]]:
         for key in ("models", "datasets", "experiments"):
             config.setdefault(key, {}).update(part[key])
     (tmp_path / "presets.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    cmd = [*SNAKEMAKE, "-n", "final_model", "--workflow-profile", "profiles/slurm", "-d", tmp_path / "wd"]
-    res = run(cmd + ["--configfile", tmp_path / "presets.yaml"], cwd=ROOT, env=_env(), timeout=120)
+    wd = copy_workflow(tmp_path / "wd")
+    cmd = [*SNAKEMAKE, "-n", "final_model", "--workflow-profile", "profiles/slurm"]
+    res = run(cmd + ["--configfile", tmp_path / "presets.yaml"], cwd=wd, env=_env(), timeout=120)
     planned = {}
     for block in re.split(r"\n(?=\[.*\]\nrule )", res.stdout + res.stderr):
         rule, exp = re.search(r"rule (\w+):", block), re.search(r"wildcards: exp=(\S+)", block)
@@ -218,6 +219,8 @@ def test_slurm_profile_fits_each_presets_jobs(tmp_path):
         train, res = planned["train", exp.name], planned["evaluate", exp.name]
         assert int(train["gpu"]) == exp.gpus >= 1, (preset.name, train)
         assert int(res["gpu"]) == 1, (preset.name, res)
+        # as xtuner convert merge: fp16 keeps LoRA updates that bf16 rounds away (docs/gpu.md)
+        assert exp.merge.dtype == "float16", preset.name
         weights = inference_bytes(shape, 2, 0, 0)
         assert int(res["mem_mb"]) * 2**20 >= weights + 4 * GiB, (preset.name, weights / GiB, res["mem_mb"])
         ev = exp.evaluation

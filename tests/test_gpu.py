@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from snaketune.checkpoints import COMPLETE, complete_checkpoints
 from snaketune.config import LoraConfig
+from snaketune.launch import free_port
 
 from .helpers import ROOT, TINY_BASE, XTUNER, read_jsonl, train_cmd
 
@@ -37,6 +39,7 @@ pytestmark = [
 GPU_TINY = {"max_epochs": 4, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
 TOTAL_ITERS = 32
 RUN_TIMEOUT = 240  # seconds for one training process (tens of seconds expected on a GPU)
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -121,6 +124,9 @@ def test_training_model_is_nf4_on_cuda_with_bf16_compute(monkeypatch):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype is torch.float32 and p.device.type == "cuda" for p in trainable.values())
+    from snaketune.train import training_autocast
+
+    assert training_autocast("cuda").fast_dtype is torch.bfloat16  # the rest of the forward pass
 
     seen = []
     matmul_4bit = bnb.matmul_4bit
@@ -233,3 +239,25 @@ def test_killed_training_resumes_bit_identical_on_cuda(reference, env, tmp_path)
         "a resume that restarts the CUDA random state still matched: dropout did not draw from the "
         "CUDA generator, so this test does not exercise the CUDA RNG restore"
     )
+
+
+@two_gpus
+def test_two_ranks_on_two_gpus_that_see_different_free_memory_agree_and_finish(env, tmp_path):
+    """tests/test_devices.py's two-rank check with NCCL on two GPUs: rank 1 sees no free memory,
+    rank 0 plenty; both make the same backward calls and the training finishes."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    _run(cmd + [str(ROOT / "tests/rank_memory.py"), str(work), str(XTUNER / "data.json"), str(1 << 50), "0"], env)
+    calls = [json.loads((work / f"backward_rank{r}.json").read_text())["backward"] for r in (0, 1)]
+    assert calls == [8, 8], calls
+
+
+@two_gpus
+def test_training_by_hand_on_two_gpus(env, tmp_path):
+    """`snaketune train --ranks 2`: one rank per GPU (NCCL, ZeRO-2), the loss falls."""
+    work, out = tmp_path / "work", tmp_path / "out.json"
+    _run(train_cmd(work, out, **GPU_TINY) + ["--ranks", "2"], env)
+    summary = json.loads(out.read_text())
+    assert summary["world_size"] == 2 and summary["device"] == "cuda"
+    losses = [r["loss"] for r in read_jsonl(work / "metrics.jsonl")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
