@@ -13,7 +13,8 @@ before it is used. Checkpoint files are untrusted input: they are read by
 refused (a rerun would otherwise resume, and prune, outside the work directory).
 
 ``runs.jsonl`` is the progress record: one line per start of the training
-(when, from which iteration, on how many ranks, and when it ended).
+(when, from which iteration, on how many ranks, and when it ended: stamped
+once its results are written).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def set_aside(work_dir: Path, current: str) -> Path | None:
 
 
 def finished(work_dir: Path, total_iters: int) -> bool:
-    """The newest checkpoint is the final one and the run that made it ended: training was complete."""
+    """The newest checkpoint is the final one and the run that made it ended (its results were written):
+    training was complete."""
     done, runs = complete_checkpoints(work_dir), read_jsonl(work_dir / RUNS)
     return bool(done) and done[-1][0] == total_iters and bool(runs) and "end" in runs[-1]
 
@@ -325,11 +327,18 @@ def start_run(work_dir: Path, resumed_from: int | None, world: int) -> None:
 
 
 def end_run(work_dir: Path) -> list[dict]:
-    """Rank 0: stamp the current run's end; return every run of this training."""
+    """Rank 0: every run of this training, the current one with its end time, for the results.
+    The end goes into ``runs.jsonl`` only once they are written (:func:`record_end`)."""
     runs = read_jsonl(work_dir / RUNS)
     runs[-1]["end"] = now()
-    write_jsonl(work_dir / RUNS, runs)
     return runs
+
+
+def record_end(work_dir: Path, runs: list[dict]) -> None:
+    """Rank 0, after the results are written: the run ended. Stamped any earlier, a run stopped between
+    its last checkpoint and its results (Ctrl-C, a full disk) would look finished, and its rerun would
+    train again from iteration 0 instead of resuming from the final checkpoint."""
+    write_jsonl(work_dir / RUNS, runs)
 
 
 def now() -> str:

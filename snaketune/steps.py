@@ -263,7 +263,8 @@ def take_gpus(job: TrainJob) -> None:
 
 
 def _write_results(job: TrainJob, training_summary: dict) -> None:
-    """Rank 0, once training finished: the metrics' copy, the provenance, then the summary."""
+    """Rank 0, once training finished: the metrics' copy, the provenance, the summary, then the run's end."""
+    from . import checkpoints
     from . import provenance as prov
     from .train import METRICS
 
@@ -286,6 +287,7 @@ def _write_results(job: TrainJob, training_summary: dict) -> None:
             device=training_summary["device"],
         )
     write_json(job.summary, training_summary)
+    checkpoints.record_end(Path(job.work_dir), training_summary["runs"])
 
 
 def checkpoint_of(summary_or_checkpoint: PathLike) -> Path:

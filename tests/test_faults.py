@@ -272,6 +272,24 @@ def test_rerun_of_a_finished_training_trains_again(trained, tmp_path):
     assert_same_state(a, b)  # the same training, run again
 
 
+@pytest.mark.slow
+def test_a_run_stopped_before_writing_its_results_resumes_rather_than_retrains(trained, tmp_path):
+    """Training finished, but the run stopped before its results were written (Ctrl-C just then, or as
+    here a summary whose directory cannot be made): the rerun resumes from the final checkpoint and
+    trains nothing again, rather than taking the run for a finished one and training from iteration 0."""
+    work, out = interrupted_copy(trained, tmp_path)  # the final checkpoint, and a run that never ended
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the summary's directory should be")
+    res = subprocess.run(train_cmd(work, blocked / "out.json", max_epochs=1), capture_output=True, text=True)
+    assert res.returncode != 0 and not (blocked.is_dir() or out.exists())
+    log = tmp_path / "train.log"
+    res = rerun(work, out, log)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(out.read_text())["resumed_from"] == 8
+    assert "training again from iteration 0" not in log.read_text() and not (work / "superseded").exists()
+    assert_same_state(read_lora_state(trained / "iter_8.pth"), read_lora_state(work / "iter_8.pth"))
+
+
 def test_other_weights_with_the_same_config_are_another_model(tmp_path):
     """The resume fingerprint and the provenance hash the weights, not just config.json."""
     other = tmp_path / "model"
