@@ -12,29 +12,49 @@ separator, token for token as in training. Generation stops on
 Greedy by default (``temperature=0``): the same question gets the same
 answer, as in ``snaketune evaluate``. XTuner samples (temperature 0.1, top-p
 0.75, top-k 40); ``temperature=0.1`` here gives that.
+
+An answer stops early when :attr:`Chat.stop` is set (Ctrl-C in the terminal,
+Stop on the web page): generation ends after the token being computed, and
+the partial answer is kept in the history, as it stays on the screen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
 import queue
+import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoModelForCausalLM, TextStreamer
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
-from .errors import ConfigError, ConversationTooLong
+from .errors import ConfigError, ConversationTooLong, UnsafeCheckpoint
 from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, nf4_config, pick_device
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
+log = logging.getLogger(__name__)
+
 Turn = dict[str, Any]
 
-COMMANDS = "/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to continue on the next"
+COMMANDS = (
+    "/help lists the commands, /reset clears the history, /exit (or Ctrl-D) quits; Ctrl-C stops an answer; "
+    "end a line with \\ to continue on the next"
+)
+HELP = """/help        this list
+/reset       clear the history (start a new conversation)
+/exit        quit (also Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C       while an answer is written: stop it (what was written stays in the history)
+a line ending in \\ continues on the next; a line that is one /word is a command, any other goes to the model"""
 
 
 @dataclass
@@ -74,6 +94,8 @@ class Chat:
         self.system = system
         self.settings = settings or GenerationSettings()
         self.history: list[Turn] = list(history or [])
+        self.stop = threading.Event()  # set: the answer being generated ends after its current token
+        self.stopped = False  # the last answer was cut short by ``stop``
         self.stops = stop_token_ids(tokenizer, self.template)
         if self.template == TOKENIZER_TEMPLATE:  # no stop words: the model's generation config names them
             extra = model.generation_config.eos_token_id
@@ -107,6 +129,8 @@ class Chat:
         """The answer to ``question`` in the context of the history, which then holds both.
 
         ``stream`` receives the answer's text piece by piece while it is generated.
+        Setting :attr:`stop` ends it early: the answer so far is returned and kept,
+        and :attr:`stopped` says so.
         """
         ids = self.prompt_ids(question)
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -125,23 +149,32 @@ class Chat:
                 pad_token_id=self.tokenizer.pad_token_id,
                 use_cache=True,
                 streamer=stream and _Streamer(self.tokenizer, self.stops, stream),
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.stop)]),
                 **self.settings.generate_kwargs(),
             )
         new = out[0, len(ids) :].tolist()
-        if new and new[-1] in self.stops:
+        finished = bool(new) and new[-1] in self.stops
+        if finished:
             new = new[:-1]
+        self.stopped = self.stop.is_set() and not finished and len(new) < self.settings.max_new_tokens
+        self.stop.clear()
         answer = self.tokenizer.decode(new, skip_special_tokens=False).strip()
         self.history.append({"input": question, "output": answer})
         return answer
 
     def stream(self, question: str) -> Iterator[str]:
-        """``ask`` as a generator of the answer so far (for the web page); the last item is the answer."""
+        """``ask`` as a generator of the answer so far (for the web page); the last item is the answer.
+
+        Closing the generator early (the page's Stop) stops the generation too, not only its display.
+        """
         pieces: queue.Queue = queue.Queue()
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
                 result["answer"] = self.ask(question, stream=pieces.put)
+                if self.stopped:  # the server's log shows that a Stop ended the generation itself
+                    log.info("answer stopped after %d words", len(result["answer"].split()))
             except Exception as err:  # re-raised in the caller's thread
                 result["error"] = err
             finally:
@@ -149,12 +182,26 @@ class Chat:
 
         threading.Thread(target=work, daemon=True).start()
         text = ""
-        while (piece := pieces.get()) is not None:
-            text += piece
-            yield text
+        try:
+            while (piece := pieces.get()) is not None:
+                text += piece
+                yield text
+        except GeneratorExit:
+            self.stop.set()
+            raise
         if "error" in result:
             raise result["error"]
         yield result["answer"]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation, checked after every token, once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _Streamer(TextStreamer):
@@ -181,6 +228,33 @@ class _Streamer(TextStreamer):
 # ---------------------------------------------------------------- loading
 
 
+# What a model directory must hold: transformers' own names (a sharded model's index counts as its weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken")
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line, a directory that is not a model (or an adapter directory that is not one),
+    before transformers tries and fails somewhere deep in a tokenizer conversion."""
+    d = Path(model_dir)
+    lacks = [] if (d / "config.json").is_file() else ["config.json"]
+    if not any(any(d.glob(pattern)) for pattern in TOKENIZER_FILES):
+        lacks.append("tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if not any(any(d.glob(pattern)) for pattern in WEIGHT_FILES):
+        lacks.append("weights (*.safetensors or pytorch_model.bin)")
+    if lacks:
+        raise ConfigError(
+            f"{d} is not a model directory: it has no {', no '.join(lacks)}",
+            hint="give a merged model (results/EXPERIMENT/merged), a base model directory with --adapter, "
+            "or an experiment name",
+        )
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{adapter} is not an adapter directory: it has no adapter_config.json",
+            hint="give --adapter a PEFT adapter directory (results/EXPERIMENT/adapter)",
+        )
+
+
 def load_model(
     model_dir: str | os.PathLike,
     *,
@@ -197,22 +271,48 @@ def load_model(
             "--bits 4 loads the model in 4-bit NF4 with bitsandbytes on a CUDA GPU, and there is none "
             "here; leave --bits out to chat in fp32 on the CPU"
         )
+    check_model_dir(model_dir, adapter)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    if device == "cpu":
-        model = load_base(model_dir, "float32", trust_remote_code)
-    else:
-        dtype = compute_dtype(device)
-        quant = nf4_config(dtype) if bits == 4 else None
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            dtype=dtype,
-            quantization_config=quant,
-            device_map={"": torch.cuda.current_device()},
-            trust_remote_code=trust_remote_code,
-        )
+    try:
+        if device == "cpu":
+            model = load_base(model_dir, "float32", trust_remote_code)
+        else:
+            dtype = compute_dtype(device)
+            quant = nf4_config(dtype) if bits == 4 else None
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                dtype=dtype,
+                quantization_config=quant,
+                device_map={"": torch.cuda.current_device()},
+                trust_remote_code=trust_remote_code,
+            )
+    except pickle.UnpicklingError as err:  # transformers reads .bin weights with weights_only=True
+        raise refused_pickle(model_dir, err) from None
     if adapter:
         model = load_peft_model(model, adapter)
     return model.eval(), tokenizer
+
+
+def refused_pickle(model_dir: str | os.PathLike, err: pickle.UnpicklingError) -> UnsafeCheckpoint:
+    """The error for a pickled weights file that holds more than tensors, naming the file (torch's
+    message does not) and what it asked for."""
+    from .safe_pickle import load_weights
+
+    wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    culprit: Path | str = Path(model_dir) / "pytorch_model.bin"
+    for path in sorted(Path(model_dir).glob("*.bin")):
+        try:
+            load_weights(path)
+        except pickle.UnpicklingError:
+            culprit = path
+            break
+    return UnsafeCheckpoint(
+        f"{culprit}: refused to load: pickled weights that hold more than tensors"
+        + (f" ({wanted[1]})" if wanted else "")
+        + "; snaketune unpickles tensors only, so that no code in a pickle can run, and has no option to do more",
+        hint="if you trust where the file came from, convert it to model.safetensors yourself "
+        "(torch.load(FILE, weights_only=False), then safetensors' save_file) and remove the .bin",
+    )
 
 
 # ---------------------------------------------------------------- the terminal
@@ -229,25 +329,69 @@ def read_prompt(read_line: Callable[[str], str | None]) -> str | None:
 
 
 def repl(chat: Chat, read_line: Callable[[str], str | None], out: TextIO, *, stream: bool) -> None:
-    """Answer prompts until ``/exit`` or end of input; ``/reset`` starts the conversation over."""
-    while (prompt := read_prompt(read_line)) is not None:
-        command = prompt.strip()
-        if command == "/exit":
-            return
-        if command == "/reset":
-            chat.reset()
-            print("(history cleared)", file=sys.stderr, flush=True)
-            continue
-        if not command:
-            continue
-        try:
+    """Answer prompts until ``/exit``, end of input or Ctrl-C at the prompt; ``/reset`` starts the
+    conversation over, ``/help`` lists the commands. Ctrl-C while an answer is written stops that answer
+    (:func:`ctrl_c_stops`); a second one before it has stopped quits."""
+    try:
+        while (prompt := read_prompt(read_line)) is not None:
+            command = prompt.strip()
+            if re.fullmatch(r"/\w+", command):
+                if command == "/exit":
+                    return
+                run_command(chat, command)
+            elif command:
+                answer(chat, prompt, out, stream=stream)
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)
+
+
+def run_command(chat: Chat, command: str) -> None:
+    """``/reset``, ``/help``, or a word that is none of them: never sent to the model."""
+    if command == "/reset":
+        chat.reset()
+        print("(history cleared)", file=sys.stderr, flush=True)
+    elif command == "/help":
+        print(HELP, file=sys.stderr, flush=True)
+    else:
+        print(f"(unknown command {command}: /help lists the commands)", file=sys.stderr, flush=True)
+
+
+def answer(chat: Chat, prompt: str, out: TextIO, *, stream: bool) -> None:
+    """The answer to one prompt on ``out``, whole or streamed; a stopped one says so on stderr."""
+    try:
+        with ctrl_c_stops(chat):
             if stream:
                 chat.ask(prompt, stream=lambda text: print(text, end="", file=out, flush=True))
                 print(file=out, flush=True)
             else:
                 print(chat.ask(prompt), file=out, flush=True)
-        except ConversationTooLong as err:
-            print(f"({err})", file=sys.stderr, flush=True)
+    except ConversationTooLong as err:
+        print(f"({err})", file=sys.stderr, flush=True)
+        return
+    if chat.stopped:
+        print("(stopped; the answer so far stays in the history)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(chat: Chat) -> Iterator[None]:
+    """Within: Ctrl-C (SIGINT) sets ``chat.stop`` instead of raising, so the answer being generated
+    ends after its current token and the history is kept; a second Ctrl-C raises KeyboardInterrupt.
+    Signal handlers belong to the main thread: elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame) -> None:
+        if chat.stop.is_set():
+            raise KeyboardInterrupt
+        chat.stop.set()
+
+    chat.stop.clear()
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def terminal_reader(interactive: bool) -> Callable[[str], str | None]:

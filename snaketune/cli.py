@@ -285,13 +285,17 @@ def cmd_chat(args) -> None:
 
 
 def cmd_web(args) -> None:
-    from .web import build_app, serve
+    from .web import build_app, check_address, login, serve, warn_if_open
 
+    auth = login(args.auth)
+    warn_if_open(args.host, auth)
+    check_address(args.host, args.port)  # before the model loads, which may take minutes
     chat, where = _chat(args)
     serve(
         build_app(chat.model, chat.tokenizer, chat.template, system=chat.system, settings=chat.settings, title=where),
         args.host,
         args.port,
+        auth,
     )
 
 
@@ -538,6 +542,12 @@ def _chat_commands(add) -> None:
     _chat_arguments(sp)
     sp.add_argument("--host", default="127.0.0.1", help="default: %(default)s (this machine only)")
     sp.add_argument("--port", type=int, default=7860)
+    sp.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help="require this login on the page (default: $SNAKETUNE_WEB_AUTH); without one, anyone who reaches "
+        "the port can use the model",
+    )
 
 
 def _preset_commands(add) -> None:

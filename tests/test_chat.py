@@ -11,6 +11,8 @@ import itertools
 import os
 import pty
 import select
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from snaketune.chat import Chat, GenerationSettings, load_model, read_prompt, repl
+from snaketune.chat import HELP, Chat, GenerationSettings, load_model, read_prompt, repl
 from snaketune.cli import main
 from snaketune.config import MergeConfig
 from snaketune.generation import generate_answers
@@ -27,11 +29,12 @@ from snaketune.merge import merge
 from snaketune.model import load_base, load_peft_model
 
 from .chat_model import argmax_answer, build_adapter, build_talking_model, chatml
-from .helpers import XTUNER, run_cli
+from .helpers import TINY_BASE, XTUNER, run_cli
 
 BOS, EOS = 0, 2
 SYSTEM = "You are Snaky."
 MAX = 16
+LONG = 200  # more tokens than the talking model's longer answers take
 
 
 class Talking:
@@ -51,9 +54,10 @@ def talking(tmp_path_factory):
     return Talking(tmp_path_factory.mktemp("talking"))
 
 
-def greedy(model, tok, prompts, system=SYSTEM):
+def greedy(model, tok, prompts, system=SYSTEM, max_new_tokens=MAX):
     return [
-        a.answer for a in generate_answers(model, tok, "internlm2_chat", prompts, system=system, max_new_tokens=MAX)
+        a.answer
+        for a in generate_answers(model, tok, "internlm2_chat", prompts, system=system, max_new_tokens=max_new_tokens)
     ]
 
 
@@ -163,6 +167,60 @@ def test_a_conversation_beyond_the_context_asks_for_a_reset(talking, capsys):
     assert out.getvalue().splitlines() == greedy(talking.model, talking.tok, ["Who are you?"], system="")
 
 
+def test_stop_ends_the_generation_and_keeps_the_answer_so_far(talking):
+    """Setting ``stop`` (Ctrl-C, the page's Stop) ends the generation after the current token; the
+    partial answer is returned and stays in the history, so the next turn continues after it."""
+    model, tok = talking.model, talking.tok
+    chat = Chat(model, tok, "internlm2_chat", system=SYSTEM, settings=GenerationSettings(max_new_tokens=MAX))
+    pieces: list[str] = []
+    partial = chat.ask("Who are you?", stream=lambda text: (pieces.append(text), chat.stop.set()))
+    [full] = greedy(model, tok, ["Who are you?"])
+    assert chat.stopped and partial == "".join(pieces).strip()  # what was streamed is what is kept
+    assert full.startswith(partial) and len(partial.split()) < len(full.split())
+    assert chat.history == [{"input": "Who are you?", "output": partial}]
+    assert chat.prompt_ids("Q") == chatml(SYSTEM, [("Who are you?", partial), ("Q", None)], talking.enc)
+    assert not chat.stop.is_set() and chat.ask("Who are you?") and not chat.stopped  # the next answer runs
+
+
+def test_ctrl_c_stops_the_answer_and_at_the_prompt_quits(talking):
+    """Real SIGINTs to this process: the first while an answer streams stops it and the conversation
+    goes on; the next, at the prompt, ends the loop without an exception, the history kept."""
+    chat = Chat(
+        talking.model, talking.tok, "internlm2_chat", system=SYSTEM, settings=GenerationSettings(max_new_tokens=MAX)
+    )
+    writes: list[str] = []
+
+    class Terminal(io.StringIO):
+        def write(self, text: str) -> int:
+            if not writes:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first words are on the screen
+            writes.append(text)
+            return len(text)
+
+    def read_line(prompt: str) -> str | None:
+        if not chat.history:
+            return "Who are you?"
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at the prompt: input() raises KeyboardInterrupt
+        return "never asked"
+
+    repl(chat, read_line, Terminal(), stream=True)
+    [full] = greedy(talking.model, talking.tok, ["Who are you?"])
+    [(question, partial)] = [(t["input"], t["output"]) for t in chat.history]
+    assert question == "Who are you?" and full.startswith(partial) and 0 < len(partial) < len(full)
+    assert "".join(writes).strip() == partial and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_help_and_unknown_commands_never_reach_the_model(talking, capsys):
+    chat = Chat(talking.model, talking.tok, "internlm2_chat", settings=GenerationSettings(max_new_tokens=MAX))
+    lines = iter(["/help", "/halp", "/exit"])
+    out = io.StringIO()
+    repl(chat, lambda prompt: next(lines, None), out, stream=False)
+    err = capsys.readouterr().err
+    assert HELP in err and "/reset" in HELP and "Ctrl-C" in HELP
+    assert "(unknown command /halp: /help lists the commands)" in err
+    assert chat.history == [] and out.getvalue() == ""  # nothing was asked
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -233,9 +291,50 @@ def test_bits_4_is_refused_on_cpu(talking, capsys):
     assert "--bits 4" in err and "CUDA GPU" in err
 
 
+@pytest.mark.parametrize(
+    "files, lacks",
+    [([], "no config.json, no tokenizer files"), (["config.json", "tokenizer.json"], "no weights")],
+)
+def test_a_directory_that_is_not_a_model_is_refused_in_one_line(tmp_path, capsys, files, lacks):
+    for name in files:
+        shutil.copy(TINY_BASE / name, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", str(tmp_path)])
+    assert exit_.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"ConfigError: {tmp_path} is not a model directory: it has {lacks}" in line and "Hint:" in line
+
+
+class Payload:
+    """Creates a file when unpickled by anything that runs a pickle's code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickled_model_file_holding_code_is_refused_naming_it(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_BASE, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "ran"
+    torch.save({**load_file(TINY_BASE / "model.safetensors"), "x": Payload(marker)}, model / "pytorch_model.bin")
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", str(model), "--prompt-template", "internlm2_chat"])
+    assert exit_.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"UnsafeCheckpoint: {model / 'pytorch_model.bin'}: refused to load" in line
+    assert "(io.open)" in line and "if you trust where the file came from" in line  # what it asked for, the way
+    assert "Weights only load failed" not in line and not marker.exists()  # not torch's advice; nothing ran
+
+
 @pytest.mark.slow
 def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
-    """On a terminal: a >>> prompt, the answer, the next prompt; Ctrl-D quits."""
+    """On a terminal: a >>> prompt, the answer, the next prompt; Ctrl-C (a SIGINT to the process) while
+    an answer is written stops it and gives the prompt back; /help answers; Ctrl-D quits."""
     leader, follower = pty.openpty()
     env = {**os.environ, "TERM": "dumb"}
     proc = subprocess.Popen(
@@ -250,7 +349,7 @@ def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
             "--system",
             SYSTEM,
             "--max-new-tokens",
-            str(MAX),
+            str(LONG),
         ],
         stdin=follower,
         stdout=follower,
@@ -274,11 +373,25 @@ def test_terminal_session_prompts_answers_and_quits_on_eof(talking):
         mark = len(seen)
         os.write(leader, b"Who are you?\n")
         read_until(b">>> ", mark)
+        long = len(seen)
+        os.write(leader, "你是谁\n".encode())  # a long answer after this history
+        read_until("你是谁\r\n".encode(), long)
+        echoed = len(seen)
+        read_until(b" ", echoed)  # the first words of the answer are on the screen
+        os.kill(proc.pid, signal.SIGINT)
+        read_until(b"(stopped; the answer so far stays in the history)", echoed)
+        read_until(b">>> ", echoed)
+        os.write(leader, b"/help\n/halp\n")
+        read_until(b"(unknown command /halp: /help lists the commands)\r\n>>> ", echoed)
         os.write(leader, b"\x04")  # Ctrl-D
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
         os.close(leader)
-    [want] = greedy(talking.model, talking.tok, ["Who are you?"])
+    [want] = greedy(talking.model, talking.tok, ["Who are you?"], max_new_tokens=LONG)
     session = seen[mark:].decode().replace("\r\n", "\n")
     assert f"Who are you?\n{want}\n>>> " in session  # the echoed question, the answer, the next prompt
+    stopped = seen[echoed:].decode().replace("\r\n", "\n")
+    partial = stopped.split("\n")[0]
+    assert partial.strip() and stopped.startswith(f"{partial}\n(stopped; the answer so far stays in the history)\n>>> ")
+    assert HELP in stopped and "Traceback" not in session

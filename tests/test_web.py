@@ -1,16 +1,20 @@
 """``snaketune web`` in a real browser: headless Chromium (Debian's) driven by Playwright.
 
-The server is the real command on the tiny talking model; the page's
-answers must equal the model's greedy answers computed here without the
-chat code (``generate_answers`` for a first turn, an argmax loop over
-typed-out XTuner ids for a second). Skipped where Chromium or Playwright is
-missing, except under CI=true, where that is a failure.
+The server is the real command on the tiny talking model, behind a login;
+the page's answers must equal the model's greedy answers computed here
+without the chat code (``generate_answers`` for a first turn, an argmax loop
+over typed-out XTuner ids for a second). Skipped where Chromium or Playwright
+is missing, except under CI=true, where that is a failure. The checks made
+before the model loads (a busy port, an open host without a login) need no
+browser.
 """
 
+import logging
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,9 +24,7 @@ from snaketune.chat import load_model
 from snaketune.generation import generate_answers
 
 from .chat_model import argmax_answer, build_talking_model, chatml
-from .helpers import missing
-
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+from .helpers import missing, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -36,6 +38,7 @@ ARGS = [
 ]
 SYSTEM = "You are Snaky."
 MAX = 16
+LOGIN = ("snaky", "a-long-secret")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +57,11 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``snaketune web`` on the talking model, on a free port; (url, model dir)."""
-    model = build_talking_model(tmp_path_factory.mktemp("web") / "model")
+    """``snaketune web`` on the talking model, on a free port, behind ``--auth``; (url, model dir, its
+    output so far)."""
+    tmp = tmp_path_factory.mktemp("web")
+    model = build_talking_model(tmp / "model")
+    output = tmp / "server.log"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,23 +80,24 @@ def server(tmp_path_factory):
             str(MAX),
             "--port",
             str(port),
+            "--auth",
+            ":".join(LOGIN),
         ],
-        stdout=subprocess.PIPE,
+        stdout=output.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, f"snaketune web exited:\n{proc.stdout.read()[-3000:]}"
+            assert proc.poll() is None, f"snaketune web exited:\n{output.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "snaketune web did not answer within 120 s"
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
             except OSError:
                 time.sleep(0.5)
-        yield url, model
+        yield url, model, output.read_text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -121,8 +128,10 @@ def ask(page, question: str, n: int) -> list[str]:
     return page.evaluate("() => { window.observer.disconnect(); return window.seen; }")
 
 
-def test_page_streams_the_greedy_answers_keeps_history_and_clears(browser, server, tmp_path):
-    url, model_dir = server
+@pytest.mark.slow
+@pytest.mark.browser
+def test_page_streams_the_greedy_answers_keeps_history_clears_and_stops(browser, server, tmp_path):
+    url, model_dir, server_output = server
     model, tok = load_model(model_dir)
     first, alone = (
         a.answer
@@ -144,7 +153,13 @@ def test_page_streams_the_greedy_answers_keeps_history_and_clears(browser, serve
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     elsewhere: list[str] = []  # the page must work offline (clusters): no fonts or scripts from the internet
     page.on("request", lambda request: None if request.url.startswith(url) else elsewhere.append(request.url))
+    with pytest.raises(urllib.error.HTTPError) as refused:  # nothing of the app without the login
+        urllib.request.urlopen(f"{url}config", timeout=10)
+    assert refused.value.code == 401
     page.goto(url)
+    page.fill("input[type=text]", LOGIN[0])
+    page.fill("input[type=password]", LOGIN[1])
+    page.click("button:has-text('Login')")
     page.wait_for_selector("#question textarea")
     # the system prompt and the generation settings are on the page
     assert page.input_value("#system textarea") == SYSTEM
@@ -161,4 +176,51 @@ def test_page_streams_the_greedy_answers_keeps_history_and_clears(browser, serve
     page.click("#conversation button[aria-label='Clear']")
     page.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length === 0")
     assert ask(page, "What is your name?", 1)[-1] == alone  # a fresh conversation
+
+    # Stop ends the generation itself (the server says so), not only what the page shows
+    page.click("#conversation button[aria-label='Clear']")
+    page.fill("#max-new-tokens input[type=number]", "300")
+    page.press("#max-new-tokens input[type=number]", "Enter")
+    page.fill("#question textarea", "你是谁")  # a long answer: about 60 words
+    page.press("#question textarea", "Enter")
+    page.wait_for_function("document.querySelector('[data-testid=\"bot\"]')?.innerText.trim()", timeout=60_000)
+    page.click("#question button.stop-button")
+    page.wait_for_function("!document.querySelector('#question textarea').disabled", timeout=60_000)
+    shown = page.inner_text("[data-testid='bot']").split()
+    deadline = time.monotonic() + 30
+    while "answer stopped after" not in server_output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [stopped] = [line for line in server_output().splitlines() if "answer stopped after" in line]
+    assert 0 < len(shown) <= int(stopped.split("answer stopped after ")[1].split()[0]) < 50, stopped
     assert elsewhere == []
+    assert "share=True" not in server_output() and "login required" in server_output()  # no link it cannot make
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tmp_path):
+    """One line naming host:port, and the model is never loaded: MODEL here is an empty directory,
+    which loading would refuse with another error. Serving beyond this machine without --auth warns."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = run_cli("web", tmp_path, "--host", "0.0.0.0", "--port", port, check=False)
+    assert res.returncode == 1
+    *_, warning, error = res.stderr.strip().splitlines()
+    assert "WARNING" in warning and "--host 0.0.0.0 without --auth: anyone who reaches this port" in warning
+    assert f"ConfigError: 0.0.0.0:{port}: cannot serve the page there (Address already in use)" in error
+    assert "not a model directory" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_open_host_without_a_login_warns(caplog):
+    from snaketune.web import login, warn_if_open
+
+    with caplog.at_level(logging.WARNING, logger="snaketune"):
+        warn_if_open("127.0.0.1", None)
+        warn_if_open("localhost", None)
+        warn_if_open("0.0.0.0", login("snaky:secret"))
+        assert caplog.records == []
+        warn_if_open("0.0.0.0", None)
+    assert "anyone who reaches this port can use the model" in caplog.text
+    for bad in ("snaky", "snaky:", ":secret"):
+        with pytest.raises(ValueError, match="--auth: expected USER:PASS"):
+            login(bad)
