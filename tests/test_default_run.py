@@ -44,8 +44,11 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     rows = read_jsonl(wd / "results/identity/evaluation.jsonl")
     identity = [r for r in rows if r["set"] == "identity"]
     assert all(r["finetuned"] == r["base_plus_adapter"] for r in identity)
-    # the answers it was trained on end with the end-of-turn (require_stop is off: see config.yaml)
+    # the answers it was trained on end with the end-of-turn, and so do the held-out rephrasings' but for at
+    # most one (the room the thresholds leave for other CPUs' rounding; require_stop is off: see config.yaml)
     assert all(r["finetuned_stopped"] for r in identity if r["in_training_data"])
+    heldout_rows = [r for r in identity if not r["in_training_data"]]
+    assert len(heldout_rows) >= 10 and sum(not r["finetuned_stopped"] for r in heldout_rows) <= 1
     assert [r["prompt"] for r in rows if r["set"] == "general"] == [
         q.question for q in evalsets.load("general", split="eval")
     ]
