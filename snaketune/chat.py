@@ -309,7 +309,7 @@ def refused_pickle(model_dir: str | os.PathLike, err: pickle.UnpicklingError) ->
     return UnsafeCheckpoint(
         f"{culprit}: refused to load: pickled weights that hold more than tensors"
         + (f" ({wanted[1]})" if wanted else "")
-        + "; snaketune unpickles tensors only, so that no code in a pickle can run, and has no option to do more",
+        + ": only tensors are unpickled, so that no code in a pickle can run, and no option unpickles more",
         hint="if you trust where the file came from, convert it to model.safetensors yourself "
         "(torch.load(FILE, weights_only=False), then safetensors' save_file) and remove the .bin",
     )
