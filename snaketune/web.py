@@ -114,7 +114,9 @@ def check_address(host: str, port: int) -> None:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
-        raise ConfigError(f"--host {host}: unknown host ({err.strerror})", hint="give an address of this machine") from None
+        raise ConfigError(
+            f"--host {host}: unknown host ({err.strerror})", hint="give an address of this machine"
+        ) from None
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
         try:

@@ -203,7 +203,10 @@ def test_ctrl_c_stops_the_answer_and_at_the_prompt_quits(talking):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at the prompt: input() raises KeyboardInterrupt
         return "never asked"
 
-    repl(chat, read_line, Terminal(), stream=True)
+    try:
+        repl(chat, read_line, Terminal(), stream=True)
+    except KeyboardInterrupt:  # not left to end the test run
+        pytest.fail("Ctrl-C escaped the chat loop")
     [full] = greedy(talking.model, talking.tok, ["Who are you?"])
     [(question, partial)] = [(t["input"], t["output"]) for t in chat.history]
     assert question == "Who are you?" and full.startswith(partial) and 0 < len(partial) < len(full)
