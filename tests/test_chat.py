@@ -308,6 +308,14 @@ def test_a_directory_that_is_not_a_model_is_refused_in_one_line(tmp_path, capsys
     assert f"ConfigError: {tmp_path} is not a model directory: it has {lacks}" in line and "Hint:" in line
 
 
+def test_an_adapter_directory_that_is_not_one_is_refused_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", str(TINY_BASE), "--adapter", str(tmp_path), "--prompt-template", "internlm2_chat"])
+    assert exit_.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"ConfigError: {tmp_path} is not an adapter directory: it has no adapter_config.json" in line
+
+
 class Payload:
     """Creates a file when unpickled by anything that runs a pickle's code."""
 
