@@ -60,6 +60,11 @@ def job(log_file: str | None) -> Iterator[None]:
         log.error("%s", one_line(err))
         logging.shutdown()
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own stop, not a fault: one line, and the shell's exit status for SIGINT.
+        log.error("interrupted")
+        logging.shutdown()
+        raise SystemExit(130) from None
     except Exception:
         log.exception("unexpected error")
         logging.shutdown()

@@ -53,3 +53,13 @@ def test_any_other_error_keeps_its_traceback(capsys):
         raise KeyError("x")
     err = capsys.readouterr().err
     assert "unexpected error" in err and "Traceback (most recent call last)" in err
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_the_sigint_exit_status(capsys):
+    """Ctrl-C while a command works (e.g. while `snaketune chat` loads the model) is the user's stop:
+    no traceback, exit 130 as a shell reports SIGINT."""
+    with pytest.raises(SystemExit) as exit, job(None):
+        raise KeyboardInterrupt
+    assert exit.value.code == 130
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith("ERROR snaketune: interrupted")
