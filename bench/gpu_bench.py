@@ -229,13 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {device} ({card}); versions: {versions()}", flush=True)
     ceiling = matmul_tflops(device)
 
+    # Rank 0 builds the model (under torchrun the ranks share it) and says where and how big.
     tmp = None
     model_dir = args.model_dir
-    if model_dir is None:
+    if model_dir is None and dist.get_rank() == 0:
         tmp = Path(tempfile.mkdtemp(prefix="gpu_bench_model_"))
         model_dir = tmp / "model"
     t0 = time.time()
-    counts = build_random_model(hub, model_dir, device)
+    counts = build_random_model(hub, model_dir, device) if dist.get_rank() == 0 else None
+    shared = [model_dir, counts]
+    dist.broadcast_object_list(shared, src=0)
+    model_dir, counts = shared
     build_s = time.time() - t0
 
     total_iters = (args.warmup_steps + steps) * args.acc
@@ -257,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     engine, _, _ = build_engine(model_dir, cfg, plan, device, trust_remote_code=False)
     load_s = time.time() - t0
+    dist.barrier()  # every rank has loaded it
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
