@@ -232,3 +232,15 @@ def test_slurm_profile_fits_each_presets_jobs(tmp_path):
         decode = 3 * batches * ev.max_new_tokens + 2 * -(-general // ev.batch_size) * ev.general_max_new_tokens
         minutes = (decode / DECODE_STEPS_PER_S + 3 * weights / LOAD_BYTES_PER_S) / 60
         assert int(res["runtime"]) >= minutes, (preset.name, res["runtime"], minutes)
+
+
+def test_zero2_bucket_is_sized_from_the_trainable_parameters():
+    """DeepSpeed's default bucket (5e8 elements: 2 GB of fp32 per rank) is allocated whatever the model
+    trains; the recipe's holds the LoRA weights, within DeepSpeed's default at most."""
+    from snaketune.train import deepspeed_config, training_autocast
+
+    cfg = TrainConfig.from_dict(TINY)
+    zero = deepspeed_config(cfg, 3_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 3_000_000
+    assert deepspeed_config(cfg, 10**10)["zero_optimization"]["reduce_bucket_size"] == 5 * 10**8
+    assert not hasattr(training_autocast("cpu"), "fast_dtype")  # fp32 on the CPU, where bf16 is slow
