@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ExportConfig, LoraConfig
-from .errors import NonFiniteWeights
-from .files import atomic_dir
+from .errors import ConfigError, NonFiniteWeights
+from .files import atomic_dir, remove_stale_tmp_dirs
 from .lora_state import read_lora_state
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,18 @@ def lora_kwargs(lora: LoraConfig) -> dict[str, Any]:
     return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
 
 
-def check_finite(named_tensors, source: str) -> None:
-    """Refuse weights with NaN or infinity, naming the first bad tensors."""
+def all_finite(t, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity in ``t``, checked a slice at a time: ``isfinite`` of a whole embedding
+    would allocate several times its size."""
     import torch
 
-    bad = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def check_finite(named_tensors, source: str) -> None:
+    """Refuse weights with NaN or infinity, naming the first bad tensors."""
+    bad = [name for name, t in named_tensors if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise NonFiniteWeights(
             f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {', '.join(bad[:3])}; "
@@ -56,6 +63,25 @@ def check_adapter(state: dict[str, Any], source: str) -> None:
 
 def target_modules(state: dict[str, Any]) -> list[str]:
     return sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
+
+
+def check_lora_settings(state: dict[str, Any], lora: LoraConfig, source: str) -> None:
+    """Refuse a LoRA rank the checkpoint's tensors contradict, and tensors that do not pair up: the
+    adapter written would say one thing and hold another. (Target modules are read off the tensors.)"""
+    ranks = {}
+    for module in sorted({k.split(".lora_")[0] for k in state}):
+        a, b = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
+        if a is None or b is None or a.shape[0] != b.shape[-1]:
+            shapes = [list(t.shape) if t is not None else "missing" for t in (a, b)]
+            raise ValueError(f"{source}: {module}'s lora_A and lora_B do not pair up ({shapes[0]} and {shapes[1]})")
+        ranks[module] = list(a.shape)
+    wrong = next((m for m, shape in ranks.items() if shape[0] != lora.r), None)
+    if wrong:
+        r = ranks[wrong][0]
+        raise ConfigError(
+            f"{source}: trained with LoRA r={r} ({wrong}.lora_A.weight is {ranks[wrong]}) but the LoRA "
+            f"settings say r={lora.r}: set r: {r} (in --lora, or the experiment's train.lora.r)"
+        )
 
 
 def save_adapter(state: dict[str, Any], out: Path, config: dict[str, Any], export: ExportConfig) -> list[str]:
@@ -107,6 +133,8 @@ def pth_to_hf(
     """``xtuner convert pth_to_hf``: checkpoint -> adapter directory (checked before it is written)."""
     state = read_lora_state(ckpt)
     check_adapter(state, str(ckpt))
+    check_lora_settings(state, lora, str(ckpt))
+    remove_stale_tmp_dirs(out)
     files = save_adapter(state, Path(out), adapter_config(lora, state, base_model), export)
     log.info("wrote %d LoRA tensors to %s in %d file(s)", len(state), out, len(files))
     return files

@@ -165,6 +165,12 @@ def cmd_pth_to_hf(args) -> None:
 
 def cmd_merge(args) -> None:
     paths = args.paths
+    if len(paths) not in (0, 1, 3, 4):
+        args.usage_error(
+            "OUTPUT is missing: give BASE ADAPTER OUTPUT (or an EXPERIMENT alone)"
+            if len(paths) in (2, 5)
+            else f"{len(paths)} paths: give [EXPERIMENT] BASE ADAPTER OUTPUT"
+        )
     if len(paths) in (1, 4):
         args.experiment, paths = paths[0], paths[1:]
     if args.template and len(paths) == 3:  # no config needed
@@ -179,7 +185,16 @@ def cmd_merge(args) -> None:
     if args.max_shard_size:
         merge.max_shard_size = args.max_shard_size
     base, adapter, output = paths
-    steps.merge(base, adapter, output, merge, template=template, trust_remote_code=trust)
+    steps.merge(
+        base,
+        adapter,
+        output,
+        merge,
+        template=template,
+        trust_remote_code=trust,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+    )
 
 
 def cmd_evaluate(args) -> None:
@@ -456,8 +471,19 @@ def _export_commands(add) -> None:
     sp.add_argument("paths", nargs="*", metavar="[EXPERIMENT] [BASE ADAPTER OUTPUT]")
     sp.add_argument("--template", help="prompt template for the saved chat template (default: the experiment's)")
     sp.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
-    sp.add_argument("--max-shard-size")
+    sp.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (never larger than the base's largest)")
     sp.add_argument("--trust-remote-code", action="store_true", help="with explicit paths: run the model's hub code")
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="where the LoRA deltas are computed and added: cpu (default), cuda, cuda:N or auto",
+    )
+    sp.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a base model that has only pickled pytorch_model*.bin weights (tensors only, weights_only)",
+    )
+    sp.set_defaults(usage_error=sp.error)
 
 
 def _convert_command(sub) -> None:

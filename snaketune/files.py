@@ -8,8 +8,10 @@ a re-run or Snakemake sees either the old file or the whole new one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +54,8 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held while it is written: remove_stale_tmp_dirs leaves it alone
     try:
         yield tmp
         if out.is_symlink() or out.is_file():
@@ -62,6 +66,32 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def remove_stale_tmp_dirs(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories that killed writers of ``out`` left beside it.
+
+    Only :func:`atomic_dir`'s own names for this ``out`` (``.NAME.XXXXXXXX.tmp``) are candidates,
+    and only those no living writer holds locked; another output's are never touched.
+    """
+    out = Path(out)
+    own = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    for tmp in out.parent.iterdir() if out.parent.is_dir() else ():
+        if not own.fullmatch(tmp.name) or tmp.is_symlink() or not tmp.is_dir():
+            continue
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being written now
+        finally:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 # ---------------------------------------------------------------- JSON lines

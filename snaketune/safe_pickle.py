@@ -131,6 +131,10 @@ def _allowed(module: str, name: str) -> Any:
     raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint (not a tensor or plain data)")
 
 
+class RefusedPickle(UnsafeCheckpoint, pickle.UnpicklingError):
+    """A checkpoint the restricted unpickler refused, named; still an ``UnpicklingError`` to callers."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         return _allowed(module, name)
@@ -145,7 +149,21 @@ restricted = types.SimpleNamespace(
 
 
 def load_checkpoint(path) -> Any:
-    """``torch.load`` of an untrusted checkpoint file, on the CPU."""
+    """``torch.load`` of an untrusted checkpoint file, on the CPU; a refusal names the file.
+
+    A file in torch's zip format is memory-mapped: only the tensors a caller touches are read
+    (the LoRA weights, not the optimizer's moments beside them).
+    """
+    import zipfile
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=restricted, mmap=zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError as err:
+        raise RefusedPickle(f"{path}: refused to load: {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable as a checkpoint ({first})") from None

@@ -312,10 +312,21 @@ def merge(
     *,
     template: str,
     trust_remote_code: bool = False,
+    device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> None:
     from .merge import merge as run
 
-    run(base, adapter, output, template, merge, trust_remote_code=trust_remote_code)
+    run(
+        base,
+        adapter,
+        output,
+        template,
+        merge,
+        trust_remote_code=trust_remote_code,
+        device=device,
+        allow_pickle=allow_pickle,
+    )
 
 
 @dataclass

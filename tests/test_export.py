@@ -12,7 +12,7 @@ from snaketune.lora_state import read_lora_state
 from snaketune.merge import merge
 from snaketune.model import load_peft_model
 
-from .helpers import TINY_BASE, assert_same_state, run_cli
+from .helpers import TINY_BASE, XTUNER, assert_same_state, run_cli
 
 LORA = LoraConfig(r=8, alpha=16, dropout=0.1)
 
@@ -117,3 +117,49 @@ def test_cli_reads_the_train_summary_and_refuses_a_missing_checkpoint(checkpoint
     )
     assert res.returncode != 0 and "nope.pth does not exist" in res.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_lora_settings_the_checkpoint_contradicts_are_refused_before_writing(tmp_path):
+    """XTuner's checkpoint was trained with r=8: `--lora '{r: 16}'` would write an adapter that says
+    r=16 and holds rank-8 tensors. Refused on one line naming both ranks; nothing is written."""
+    out = tmp_path / "adapter"
+    res = run_cli(
+        "pth_to_hf",
+        XTUNER / "work_plain/iter_16.pth",
+        out,
+        "--lora",
+        "{r: 16, alpha: 16, dropout: 0.1}",
+        "--base-model",
+        TINY_BASE,
+        check=False,
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "iter_16.pth: trained with LoRA r=8" in line and "the LoRA settings say r=16: set r: 8" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".adapter.*"))
+
+
+def test_a_pickle_in_a_plain_pth_is_refused_naming_the_file(tmp_path):
+    import pickle
+
+    from snaketune.errors import SnaketuneError
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("the payload ran",))
+
+    ckpt = tmp_path / "iter_1.pth"
+    ckpt.write_bytes(pickle.dumps({"state_dict": {}, "meta": Payload()}))
+    with pytest.raises(SnaketuneError) as err:
+        pth_to_hf(ckpt, tmp_path / "adapter", LORA, str(TINY_BASE), ExportConfig())
+    assert err.value.one_line().startswith(f"{ckpt}: ")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_pth_to_hf_removes_what_a_killed_conversion_of_the_same_output_left(tmp_path):
+    stale, other = tmp_path / ".adapter.abcd1234.tmp", tmp_path / ".adapter2.abcd1234.tmp"
+    for d in (stale, other):
+        d.mkdir()
+        (d / ADAPTER_WEIGHTS).write_bytes(b"half")
+    pth_to_hf(XTUNER / "work_plain/iter_16.pth", tmp_path / "adapter", LORA, str(TINY_BASE), ExportConfig())
+    assert not stale.exists() and other.exists() and (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()
