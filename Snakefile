@@ -1,6 +1,7 @@
 # snaketune: XTuner's fine-tuning chain as one workflow.
 #   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate
 import sys
+from pathlib import Path
 
 from snakemake.utils import min_version
 
@@ -18,7 +19,7 @@ configfile: "config/config.yaml"
 # One line naming the key (and the closest known one) where Snakemake would print the whole schema.
 validate_schema(
     config,
-    "config/schema.yaml",
+    Path(workflow.basedir) / "config/schema.yaml",
     ", ".join(map(str, workflow.configfiles)) or "config",
     experiment=config.get("run", ""),
 )

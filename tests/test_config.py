@@ -10,7 +10,7 @@ from snaketune import config as cfg
 from snaketune.config import load, resolve
 from snaketune.errors import ConfigError
 
-from .helpers import ROOT, copy_workflow, read_jsonl, run_cli, snakemake, tiny_config
+from .helpers import ROOT, SNAKEMAKE, copy_workflow, read_jsonl, run, run_cli, snakemake, tiny_config
 
 SCHEMA = yaml.safe_load((ROOT / "config/schema.yaml").read_text())
 EXPERIMENT = SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"]
@@ -295,3 +295,14 @@ def test_the_workflow_names_a_typo_in_its_config_on_one_line(tmp_path):
     ) in out
     assert "additionalProperties" not in out and len(out.splitlines()) < 15, out
     assert not (wd / "results").exists()
+
+
+def test_the_workflow_reads_its_schema_beside_the_snakefile(tmp_path):
+    """`snakemake -s WORKFLOW/Snakefile -d WORKDIR`, WORKDIR holding only its config: the schema is the
+    workflow's own."""
+    wd = copy_workflow(tmp_path / "wf")
+    workdir = tmp_path / "workdir"
+    (workdir / "config").mkdir(parents=True)
+    (workdir / "config/config.yaml").write_text((wd / "config/config.yaml").read_text())
+    res = run([*SNAKEMAKE, "-s", wd / "Snakefile", "-d", workdir, "-n", "final_model"], cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
