@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from snaketune.checkpoints import COMPLETE
+from snaketune.config import LAYOUT
 
 from .helpers import ROOT, SNAKEMAKE, TINY_CONFIG, copy_workflow, missing, run
 from .slurm_cluster import Cluster, available
@@ -57,10 +58,10 @@ def start():
     """Start Snakemake in the background; one still running when its test ends (failed) is killed."""
     procs = []
 
-    def start(wd, *extra):
+    def start(wd, *extra, target="final_model"):
         procs.append(
             subprocess.Popen(
-                [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra],
+                [*SNAKEMAKE, target, "--workflow-profile", "profiles/slurm", *extra],
                 cwd=wd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -85,10 +86,12 @@ def workflow(tmp_path, **train):
     return wd
 
 
-def slurm_snakemake(wd, *extra, check=True):
-    return run(
-        [*SNAKEMAKE, "final_model", "--workflow-profile", "profiles/slurm", *extra], cwd=wd, check=check, timeout=900
-    )
+def slurm_snakemake(wd, *extra, check=True, target="final_model"):
+    return run([*SNAKEMAKE, target, "--workflow-profile", "profiles/slurm", *extra], cwd=wd, check=check, timeout=900)
+
+
+# The fault tests need the training job only: the rest of the chain through sbatch is the first test's.
+TRAINED = LAYOUT.summary.format(exp="tiny")
 
 
 def submitted(output: str) -> dict[str, str]:
@@ -129,7 +132,7 @@ def test_workflow_runs_through_sbatch(cluster, tmp_path):
 
 def test_scancelled_training_resumes_when_resubmitted(cluster, start, tmp_path):
     wd = workflow(tmp_path)
-    proc = start(wd, "--retries", "0")
+    proc = start(wd, "--retries", "0", target=TRAINED)
     deadline = time.time() + 600
     while not (wd / "work_dirs/tiny/iter_4.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
@@ -141,7 +144,7 @@ def test_scancelled_training_resumes_when_resubmitted(cluster, start, tmp_path):
     assert proc.returncode != 0, out[-2000:]
     assert not (wd / "results/tiny/training.json").exists()
 
-    slurm_snakemake(wd)  # the same command again
+    slurm_snakemake(wd, target=TRAINED)  # the same command again
     log = (wd / "logs/train/tiny.log").read_text()
     assert "resuming from work_dirs/tiny/iter_" in log
     assert json.loads((wd / "results/tiny/training.json").read_text())["resumed_from"] in (4, 8)
@@ -153,7 +156,7 @@ def test_walltime_kill_is_retried_with_more_time_and_resumes(cluster, start, tmp
     # SLURM kills a job between 60 and 90 s after its start once its limit is one minute: the training
     # must last well beyond that on a fast CPU (the tiny model does ~40 iterations/s on 2 cores: ~3 min)
     wd = workflow(tmp_path, max_epochs=1400, save_steps=100, evaluation_freq=100000)
-    proc = start(wd)
+    proc = start(wd, target=TRAINED)
     deadline = time.time() + 600
     while not (wd / "work_dirs/tiny/iter_100.pth" / COMPLETE).exists():
         assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first checkpoint"
