@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 LOCK_DIR = Path(".snakemake", "snaketune-gpus")
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 _held: list[int] = []  # the lock files' descriptors: the claim lasts as long as the process (and its exec)
-
-
-class DeviceError(ConfigError):
-    """A job's ranks or GPUs that do not match what it was given or what it can see."""
 
 
 def cuda_device_count() -> int:

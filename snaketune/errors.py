@@ -40,6 +40,10 @@ class ConfigError(SnaketuneError, ValueError):
     """A config problem, naming the key path (``experiments.identity.train.lr``) and the fix."""
 
 
+class DeviceError(ConfigError):
+    """A job's ranks or GPUs that do not match what it was given or what it can see."""
+
+
 class DataError(SnaketuneError, ValueError):
     """A malformed record: says which file, which record, which field, and the fix."""
 
