@@ -36,15 +36,9 @@ PEFT_PREFIX = "base_model.model."
 def looks_local(name: str) -> bool:
     """A name that can only mean a directory here: anything but a hub id ``org/name`` whose ``org`` is
     no local directory. Such a name never goes to a hub."""
-    parts = name.split("/")
-    return (
-        name.startswith((".", "~", "/"))
-        or os.sep != "/"
-        and os.sep in name
-        or len(parts) != 2
-        or not all(parts)
-        or Path(parts[0]).exists()
-    )
+    org, _, model = name.partition("/")
+    hub_id = name.count("/") == 1 and org and model and not name.startswith((".", "~")) and "\\" not in name
+    return not hub_id or Path(org).exists()
 
 
 def model_directory(name: str | os.PathLike, what: str = "model") -> Path:
