@@ -9,11 +9,14 @@ output shards are at most ``max_shard_size`` and at most the size of the base's 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,7 +340,7 @@ def merge(
     remove_stale_tmp_dirs(out)
     split, index = shard_plan(base, dtypes, limit)
     return_freed_memory_to_the_system()
-    with atomic_dir(out) as tmp:
+    with no_space_named(out), atomic_dir(out) as tmp:
         for filename, keys in split.filename_to_tensors.items():  # one output shard in memory at a time
             tensors = {k: merged_tensor(k, base[k], dtypes[k], changes.get(k), whole.get(k), device) for k in keys}
             check_finite(tensors.items(), source)
@@ -352,6 +355,23 @@ def merge(
             for f in base_path.glob("*.py"):
                 shutil.copy2(f, tmp / f.name)
     log.info("merged model written to %s (%d LoRA weights merged)", out, len(changes))
+
+
+@contextlib.contextmanager
+def no_space_named(out: str | os.PathLike) -> Iterator[None]:
+    """A full disk while writing ``out`` becomes one line naming it (safetensors reports it as
+    "os error 28" inside a message of its own); by then atomic_dir has removed what was written."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        if getattr(err, "errno", None) != errno.ENOSPC and "(os error 28)" not in str(err):
+            raise
+        raise CheckpointError(
+            f"writing {out} failed: no space left on device; nothing of it was kept",
+            hint=f"free space under {Path(out).parent} (or write the merged model elsewhere) and run again",
+        ) from None
 
 
 def set_chat_template(tokenizer, template: str) -> None:

@@ -154,6 +154,24 @@ def test_stale_temporary_directories_of_this_output_are_removed(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """The output on a 4 MiB tmpfs (mounted in a user and mount namespace of the test's own, as
+    test_faults does), too small for the 13 MB merged model: one line naming the output and the
+    reason; neither the output nor its temporary directory is left."""
+    from .helpers import missing
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
+        missing("unshare -Urm (user and mount namespaces) to mount a small tmpfs without root")
+    small = tmp_path / "small"
+    small.mkdir()
+    mount_and_merge = 'mount -t tmpfs -o size=4m tmpfs "$0" || exit 99; "$@"; rc=$?; ls -A "$0" >"$0.files"; exit $rc'
+    merge_cmd = [sys.executable, "-m", "snaketune.cli", "merge", TINY_BASE, ADAPTER, small / "merged", "--template", "internlm2_chat"]  # fmt: skip
+    res = subprocess.run(["unshare", "-Urm", "sh", "-c", mount_and_merge, small, *merge_cmd], capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"CheckpointError: writing {small / 'merged'} failed: no space left on device" in res.stderr.splitlines()[-1]
+    assert "Traceback" not in res.stderr and (tmp_path / "small.files").read_text() == ""
+
 # ---------------------------------------------------------------- a model of over 1 GB in 5 shards
 
 WIDE = dict(hidden=2048, intermediate=5504, layers=7, vocab=49152)
