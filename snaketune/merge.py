@@ -174,7 +174,7 @@ def adapter_changes(adapter: Path, base: dict[str, BaseTensor], base_dir: Path) 
                 loras.setdefault(name.removesuffix(part), {})[module_end] = (key, tensor)
                 break
         else:
-            whole[name] = (key, tensor)
+            whole[name.replace(".base_layer.", ".")] = (key, tensor)  # e.g. an embedding PEFT saved whole
     changes = {}
     for module, pair in sorted(loras.items()):
         changes[f"{module}.weight"] = _lora(adapter, config, module, pair)
