@@ -184,7 +184,7 @@ def adapter_changes(adapter: Path, base: dict[str, BaseTensor], base_dir: Path) 
 
 def _lora(adapter: Path, config: dict, module: str, pair: dict) -> Lora:
     embedding = "eA" in pair or "eB" in pair
-    (ka, a), (kb, b) = (pair.get(k, (None, None)) for k in (("eA", "eB") if embedding else ("A", "B")))
+    (ka, a), (_, b) = (pair.get(k, (None, None)) for k in (("eA", "eB") if embedding else ("A", "B")))
     if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         shapes = [list(t.shape) if t is not None else "missing" for t in (a, b)]
         raise CheckpointError(f"{adapter}: {module}'s LoRA A and B do not pair up ({shapes[0]} and {shapes[1]})")
@@ -223,8 +223,11 @@ def _same_model(named: str, base_dir: Path) -> bool:
     path = Path(named).expanduser()
     if path.exists():
         return path.resolve() == base_dir.resolve()
-    norm = lambda s: s.rstrip("/").rsplit("/", 1)[-1].lower().replace("-", "_")  # noqa: E731
-    return norm(named) == norm(str(base_dir.resolve()))
+    return _last_name(named) == _last_name(str(base_dir.resolve()))
+
+
+def _last_name(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1].lower().replace("-", "_")
 
 
 def output_dtypes(base: dict[str, BaseTensor], merge: MergeConfig, config) -> dict[str, Any]:

@@ -63,17 +63,22 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, dtype):
 
 def test_an_adapter_peft_wrote_with_an_embedding_lora_merges_as_peft_merges_it(tmp_path):
     """PEFT's own adapter with LoRA on the (tied) embedding, which it saves with the embedding whole,
-    and on q_proj with random B: the merged weights equal merge_and_unload's."""
+    and on q_proj with another rank and alpha (rank_pattern, alpha_pattern), random B: the merged
+    weights equal merge_and_unload's."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32)
-    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    config = PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False,
+        rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 3},
+    )  # fmt: skip
     get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
     merge(TINY_BASE, tmp_path / "adapter", tmp_path / "merged", "internlm2_chat", MergeConfig())
     ours, reference = merged_state(tmp_path / "merged"), peft_merged(TINY_BASE, tmp_path / "adapter", torch.float32)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["rank_pattern"] == {"q_proj": 2}
 
 def tiny_llama(path, hidden: int) -> None:
     """A 2-layer Llama of another width, with the tiny model's tokenizer."""
