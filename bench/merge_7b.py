@@ -111,8 +111,9 @@ def main() -> None:
             "command": "snaketune merge BASE ADAPTER OUT --template internlm2_chat",
             "machine": f"{cpu_model()}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.0f} GB",
             "date": date.today().isoformat(),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-            .stdout.strip(),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip(),
             "model_bytes": sum(f.stat().st_size for f in shards),
             "base_shards": len(shards),
             "largest_shard_bytes": max(f.stat().st_size for f in shards),

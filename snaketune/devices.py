@@ -45,7 +45,9 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
-def assign_gpus(n: int, *, total: int | None = None, lock_dir: Path = LOCK_DIR, wait_s: float = 120) -> list[int] | None:
+def assign_gpus(
+    n: int, *, total: int | None = None, lock_dir: Path = LOCK_DIR, wait_s: float = 120
+) -> list[int] | None:
     """Give this job ``n`` GPUs of its own on this host and make them the only ones it sees.
 
     Nothing to do (None) when the job asks for none, when ``CUDA_VISIBLE_DEVICES`` is set already
@@ -77,8 +79,7 @@ def assign_gpus(n: int, *, total: int | None = None, lock_dir: Path = LOCK_DIR, 
             return taken
         if time.monotonic() > deadline:
             raise DeviceError(
-                f"this job needs {n} of this machine's {total} GPUs, and other jobs hold them "
-                f"(lock files in {here})",
+                f"this job needs {n} of this machine's {total} GPUs, and other jobs hold them (lock files in {here})",
                 hint="give Snakemake --resources gpu=N no larger than the GPUs the jobs may share",
             )
         time.sleep(0.5)
@@ -121,7 +122,9 @@ def check_ranks(ranks: int, *, job_gpus: int | None, experiment_gpus: int | None
         )
     if cuda_devices == 0:
         if job_gpus:
-            log.warning("train: the job was given %d GPU(s) but no CUDA device is visible: training on the CPU", job_gpus)
+            log.warning(
+                "train: the job was given %d GPU(s) but no CUDA device is visible: training on the CPU", job_gpus
+            )
         return  # CPU ranks (gloo): any number
     if ranks > cuda_devices:
         raise DeviceError(

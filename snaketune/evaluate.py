@@ -130,9 +130,7 @@ def answer_both(
     general = dict(ask, max_new_tokens=evaluation.general_max_new_tokens)
     prompts, general_prompts = evaluation.prompts, [q.question for q in questions]
     out = {}
-    peft_model = load_peft_model(
-        load_base(base_dir, place.dtype, trust_remote_code, device=place.device), adapter_dir
-    )
+    peft_model = load_peft_model(load_base(base_dir, place.dtype, trust_remote_code, device=place.device), adapter_dir)
     with peft_model.disable_adapter():
         out["base"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
         out["base_general"] = generate_answers(peft_model, tokenizer, template, general_prompts, **general)

@@ -93,9 +93,7 @@ def _headers(file: Path) -> dict[str, BaseTensor]:
     from safetensors.torch import _TYPES
 
     with safe_open(file, "pt") as f:
-        return {
-            k: BaseTensor(file, f.get_slice(k).get_shape(), _TYPES[f.get_slice(k).get_dtype()]) for k in f.keys()
-        }
+        return {k: BaseTensor(file, f.get_slice(k).get_shape(), _TYPES[f.get_slice(k).get_dtype()]) for k in f.keys()}
 
 
 def read_tensor(key: str, where: BaseTensor):
@@ -312,9 +310,9 @@ def merge(
     """
     from huggingface_hub.serialization._base import parse_size_to_int
     from safetensors.torch import save_file
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
 
-    from .model import check_remote_code, load_tokenizer
+    from .model import check_remote_code
 
     base_path = model_directory(base_dir)
     adapter = model_directory(adapter_dir, "adapter")
@@ -326,17 +324,7 @@ def merge(
     dtypes = output_dtypes(base, merge, config)
     largest = max(f.stat().st_size for f in {t.file for t in base.values()})
     limit = min(parse_size_to_int(merge.max_shard_size), largest)
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
-    set_chat_template(tokenizer, template)
-    generation = (
-        GenerationConfig.from_pretrained(base_path)
-        if (base_path / "generation_config.json").is_file()
-        else GenerationConfig.from_model_config(config)
-    )
-    from .encoding import resolve_template, stop_token_ids
-
-    generation.eos_token_id = stop_token_ids(tokenizer, resolve_template(template))
-    generation.pad_token_id = tokenizer.pad_token_id
+    tokenizer, generation = chat_files(base_path, config, template, trust_remote_code)
     if merge.dtype != "auto":
         config.dtype = merge.dtype
     source = f"merging {adapter_dir} into {base_dir}"
@@ -358,6 +346,26 @@ def merge(
             for f in base_path.glob("*.py"):
                 shutil.copy2(f, tmp / f.name)
     log.info("merged model written to %s (%d LoRA weights merged)", out, len(changes))
+
+
+def chat_files(base_path: Path, config, template: str, trust_remote_code: bool):
+    """The base's tokenizer with the training template as its chat template, and a generation config
+    that stops at the template's end-of-turn, so chat tools format and stop as in training."""
+    from transformers import GenerationConfig
+
+    from .encoding import resolve_template, stop_token_ids
+    from .model import load_tokenizer
+
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    set_chat_template(tokenizer, template)
+    generation = (
+        GenerationConfig.from_pretrained(base_path)
+        if (base_path / "generation_config.json").is_file()
+        else GenerationConfig.from_model_config(config)
+    )
+    generation.eos_token_id = stop_token_ids(tokenizer, resolve_template(template))
+    generation.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, generation
 
 
 @contextlib.contextmanager

@@ -204,7 +204,9 @@ def _check(t: Threshold, metric: str, value: float | None, bound: float) -> dict
     elif value is None:
         message = f"{metric} could not be measured (nothing to measure it on), threshold {t.setting} = {bound:g}"
     else:
-        message = f"{metric} = {value:.4g} is {'below' if t.at_least else 'above'} the threshold {t.setting} = {bound:g}"
+        message = (
+            f"{metric} = {value:.4g} is {'below' if t.at_least else 'above'} the threshold {t.setting} = {bound:g}"
+        )
     return {
         "metric": metric,
         "value": value,

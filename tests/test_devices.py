@@ -139,9 +139,15 @@ def test_a_gpu_held_by_another_job_is_not_given_twice(tmp_path, monkeypatch):
     monkeypatch.delenv(devices.VISIBLE, raising=False)
     locks = tmp_path / "locks"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from snaketune.devices import assign_gpus as a; import pathlib, time; "
-         f"a(1, total=2, lock_dir=pathlib.Path({str(locks)!r})); print('held', flush=True); time.sleep(60)"],
-        env=_env(), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"from snaketune.devices import assign_gpus as a; import pathlib, time; "
+            f"a(1, total=2, lock_dir=pathlib.Path({str(locks)!r})); print('held', flush=True); time.sleep(60)",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

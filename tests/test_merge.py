@@ -44,7 +44,9 @@ def peft_merged(base, adapter, dtype) -> dict[str, torch.Tensor]:
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return {k: v for k, v in merged.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    return {
+        k: v for k, v in merged.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+    }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -55,10 +57,11 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, dtype):
     merge(TINY_BASE, ADAPTER, out, "internlm2_chat", MergeConfig(dtype=dtype))
     ours, reference = merged_state(out), peft_merged(TINY_BASE, ADAPTER, getattr(torch, dtype))
     assert ours.keys() == reference.keys()
-    assert all(torch.equal(ours[k], reference[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], reference[k])]
+    assert all(torch.equal(ours[k], reference[k]) for k in ours), [
+        k for k in ours if not torch.equal(ours[k], reference[k])
+    ]
     assert {t.dtype for t in ours.values()} == {getattr(torch, dtype)}
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
-
 
 
 def test_an_adapter_peft_wrote_with_an_embedding_lora_merges_as_peft_merges_it(tmp_path):
@@ -79,6 +82,7 @@ def test_an_adapter_peft_wrote_with_an_embedding_lora_merges_as_peft_merges_it(t
     ours, reference = merged_state(tmp_path / "merged"), peft_merged(TINY_BASE, tmp_path / "adapter", torch.float32)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["rank_pattern"] == {"q_proj": 2}
+
 
 def tiny_llama(path, hidden: int) -> None:
     """A 2-layer Llama of another width, with the tiny model's tokenizer."""
@@ -124,7 +128,9 @@ def test_an_adapter_whose_config_says_another_rank_is_refused(tmp_path):
     shutil.copytree(ADAPTER, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
-    with pytest.raises(CheckpointError, match=r"adapter_config.json says r=16 but .*down_proj.lora_A.weight is \[8, 128\] \(rank 8\)"):
+    with pytest.raises(
+        CheckpointError, match=r"adapter_config.json says r=16 but .*down_proj.lora_A.weight is \[8, 128\] \(rank 8\)"
+    ):
         merge(TINY_BASE, adapter, tmp_path / "merged", "internlm2_chat", MergeConfig())
     assert not (tmp_path / "merged").exists()
 
@@ -142,7 +148,9 @@ def test_a_base_with_only_pickled_weights_needs_allow_pickle(tmp_path):
     merge(base, ADAPTER, tmp_path / "merged", "internlm2_chat", MergeConfig(), allow_pickle=True)
     merge(TINY_BASE, ADAPTER, tmp_path / "reference", "internlm2_chat", MergeConfig())
     assert merged_state(tmp_path / "merged").keys() == merged_state(tmp_path / "reference").keys()
-    assert all(torch.equal(merged_state(tmp_path / "merged")[k], v) for k, v in merged_state(tmp_path / "reference").items())
+    assert all(
+        torch.equal(merged_state(tmp_path / "merged")[k], v) for k, v in merged_state(tmp_path / "reference").items()
+    )
 
 
 def test_cli_usage_errors_and_local_paths_never_go_to_a_hub(tmp_path):
@@ -160,7 +168,11 @@ def test_stale_temporary_directories_of_this_output_are_removed(tmp_path):
 
     out = tmp_path / "merged"
     stale, busy = tmp_path / ".merged.k1lled_1.tmp", tmp_path / ".merged.running1.tmp"
-    others = [tmp_path / ".merged.v2.abcdefgh.tmp", tmp_path / ".merged2.abcdefgh.tmp", tmp_path / ".adapter.abcdefgh.tmp"]
+    others = [
+        tmp_path / ".merged.v2.abcdefgh.tmp",
+        tmp_path / ".merged2.abcdefgh.tmp",
+        tmp_path / ".adapter.abcdefgh.tmp",
+    ]
     for d in [stale, busy, *others]:
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half")
@@ -172,7 +184,6 @@ def test_stale_temporary_directories_of_this_output_are_removed(tmp_path):
         os.close(lock)
     assert not stale.exists() and busy.exists() and all(d.exists() for d in others)
     assert (out / "model.safetensors").is_file()
-
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
@@ -187,10 +198,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     small.mkdir()
     mount_and_merge = 'mount -t tmpfs -o size=4m tmpfs "$0" || exit 99; "$@"; rc=$?; ls -A "$0" >"$0.files"; exit $rc'
     merge_cmd = [sys.executable, "-m", "snaketune.cli", "merge", TINY_BASE, ADAPTER, small / "merged", "--template", "internlm2_chat"]  # fmt: skip
-    res = subprocess.run(["unshare", "-Urm", "sh", "-c", mount_and_merge, small, *merge_cmd], capture_output=True, text=True)
+    res = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", mount_and_merge, small, *merge_cmd], capture_output=True, text=True
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     assert f"CheckpointError: writing {small / 'merged'} failed: no space left on device" in res.stderr.splitlines()[-1]
     assert "Traceback" not in res.stderr and (tmp_path / "small.files").read_text() == ""
+
 
 # ---------------------------------------------------------------- a model of over 1 GB in 5 shards
 
@@ -223,7 +237,9 @@ def write_large_model(root):
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}  # fmt: skip
     for layer in range(n):
         shapes.update({f"model.layers.{layer}.{m}.weight": s for m, s in linear.items()})
-        shapes.update({f"model.layers.{layer}.{m}.weight": (h,) for m in ("input_layernorm", "post_attention_layernorm")})
+        shapes.update(
+            {f"model.layers.{layer}.{m}.weight": (h,) for m in ("input_layernorm", "post_attention_layernorm")}
+        )
     gen = torch.Generator().manual_seed(0)
     pool = torch.empty(1 << 25, dtype=torch.float16).uniform_(-0.02, 0.02, generator=gen)
 
