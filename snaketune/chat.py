@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
 from .errors import ConfigError, ConversationTooLong, UnsafeCheckpoint
-from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, nf4_config, pick_device
+from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, pick_device
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -274,18 +274,10 @@ def load_model(
     check_model_dir(model_dir, adapter)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     try:
-        if device == "cpu":
-            model = load_base(model_dir, "float32", trust_remote_code)
-        else:
-            dtype = compute_dtype(device)
-            quant = nf4_config(dtype) if bits == 4 else None
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir,
-                dtype=dtype,
-                quantization_config=quant,
-                device_map={"": torch.cuda.current_device()},
-                trust_remote_code=trust_remote_code,
-            )
+        # fp32 on the CPU; on a GPU its compute dtype, or 4-bit NF4 computing in it (--bits 4)
+        dtype = str(compute_dtype(device)).removeprefix("torch.")
+        quantization = "nf4" if bits == 4 else "none"
+        model = load_base(model_dir, dtype, trust_remote_code, quantization=quantization, device=device)
     except pickle.UnpicklingError as err:  # transformers reads .bin weights with weights_only=True
         raise refused_pickle(model_dir, err) from None
     if adapter:

@@ -115,14 +115,12 @@ def answer_both(
     All three in one dtype (:func:`snaketune.devices.inference_placement`): on a GPU the merged
     model's own 16-bit dtype, so that the export check compares it as saved with base + adapter
     computed at the same precision; fp32 on the CPU."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from .devices import inference_device
-    from .model import load_base, load_peft_model, load_tokenizer
+    from .model import device_map, load_base, load_peft_model, load_tokenizer
 
     place = inference_device(gpus, merged_dir)
-    device_map = {"": torch.cuda.current_device()} if place.device == "cuda" else place.device
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     ask = dict(system=system, batch_size=evaluation.batch_size)
@@ -138,7 +136,7 @@ def answer_both(
     out["adapted"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
     del peft_model
     merged_model = AutoModelForCausalLM.from_pretrained(
-        merged_dir, dtype=place.dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        merged_dir, dtype=place.dtype, device_map=device_map(place.device), trust_remote_code=trust_remote_code
     )
     out["merged"] = generate_answers(merged_model, tokenizer, template, prompts, **identity)
     out["merged_general"] = generate_answers(merged_model, tokenizer, template, general_prompts, **general)

@@ -25,6 +25,14 @@ def compute_dtype(device: str):
     return torch.float32
 
 
+def device_map(device: str):
+    """transformers' ``device_map`` for ``device``: on a GPU the process's current one (each rank and job
+    has set its own), since "cuda" alone would mean GPU 0 for every rank."""
+    import torch
+
+    return {"": torch.cuda.current_device()} if device == "cuda" else device
+
+
 def check_remote_code(model_dir: str | os.PathLike, trust_remote_code: bool) -> None:
     """A model that exists only as its repository's own Python code needs the user's say-so, in our words."""
     import json
@@ -84,9 +92,7 @@ def load_for_training(
 
     device = device or pick_device()
     dtype = compute_dtype(device)
-    # Each rank loads onto its own GPU (set by the trainer); "cuda" alone would mean GPU 0 for every rank.
-    device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map(device))
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
     elif quantization != "none":
@@ -180,9 +186,7 @@ def load_base(
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     device = device or (pick_device() if quantization == "nf4" else "cpu")
-    # "cuda" alone would be GPU 0: the current device is the job's own
-    device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map=device_map(device), trust_remote_code=trust_remote_code)
     if quantization == "nf4":
         compute = compute_dtype(device)
         kwargs.update(dtype=compute, quantization_config=nf4_config(compute))
