@@ -14,6 +14,7 @@ This module imports nothing from snaketune.
 from __future__ import annotations
 
 import os
+import pickle
 
 
 class SnaketuneError(Exception):
@@ -63,6 +64,10 @@ class CheckpointError(SnaketuneError, RuntimeError):
 
 class UnsafeCheckpoint(CheckpointError):
     """A checkpoint file that asks to run code (or import anything but tensors and plain data)."""
+
+
+class RefusedPickle(UnsafeCheckpoint, pickle.UnpicklingError):
+    """A checkpoint the restricted unpickler refused, named; still an ``UnpicklingError`` to callers."""
 
 
 class NonFiniteWeights(SnaketuneError, ValueError):

@@ -26,7 +26,7 @@ import pickle
 import types
 from typing import Any
 
-from .errors import CheckpointError, UnsafeCheckpoint
+from .errors import CheckpointError, RefusedPickle, UnsafeCheckpoint
 
 PLACEHOLDER_MODULES = ("mmengine.", "deepspeed.")
 
@@ -129,10 +129,6 @@ def _allowed(module: str, name: str) -> Any:
     if module.startswith(PLACEHOLDER_MODULES):
         return _placeholder_class(module, name)
     raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint (not a tensor or plain data)")
-
-
-class RefusedPickle(UnsafeCheckpoint, pickle.UnpicklingError):
-    """A checkpoint the restricted unpickler refused, named; still an ``UnpicklingError`` to callers."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
