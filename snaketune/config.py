@@ -495,8 +495,8 @@ def schema_problem(error: Any, config_file: str | Path, overrides: list[str], ex
         problem = " ".join(error.message.split())
     source = str(config_file)
     for item in overrides:
-        key = item.partition("=")[0]
-        if path[: len(override_path(key, experiment))] == override_path(key, experiment):
+        target = override_path(item.partition("=")[0], experiment)
+        if path[: len(target)] == target:
             source = f"--set {item!r}"
     return f"{source}: {'.'.join(path)}: {problem}"
 
