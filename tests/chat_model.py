@@ -6,7 +6,9 @@ has random weights (seed 0, untied output head) whose output head is zero
 except for plain lowercase words and the EOS: greedy answers are a dozen
 words that change with every token of the conversation, and a browser shows
 them as they are (no Markdown in them). The EOS row is scaled so that some
-answers stop on it before ``max_new_tokens`` and others do not.
+answers stop on it before ``max_new_tokens`` and others do not; with
+``ends=False`` it is zero, so no answer ever ends before ``max_new_tokens``
+(a generation that a Stop can always interrupt, however fast the machine).
 
 Also the expected values the chat and web tests compare with: XTuner's
 internlm2_chat encoding typed out, and greedy decoding by hand.
@@ -22,7 +24,7 @@ from .helpers import TINY_BASE
 BOS, EOS = 0, 2  # the fixture tokenizer's <|endoftext|>, <|im_end|>
 
 
-def build_talking_model(out: Path) -> Path:
+def build_talking_model(out: Path, *, ends: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,7 +39,7 @@ def build_talking_model(out: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=1024,
+        max_position_embeddings=1024 if ends else 8192,
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=EOS,
@@ -48,7 +50,8 @@ def build_talking_model(out: Path) -> Path:
     words[[i for s, i in tok.get_vocab().items() if re.fullmatch("Ġ[a-z]{3,8}", s)] + [EOS]] = True
     with torch.no_grad():
         model.lm_head.weight[~words] = 0
-        model.lm_head.weight[EOS] *= 3
+        # a zero row ties with the zeroed non-words, and greedy decoding takes the lowest id of a tie
+        model.lm_head.weight[EOS] *= 3 if ends else 0
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
