@@ -17,6 +17,9 @@ rule evaluate:
         LAYOUT.benchmark("evaluate", "{exp}")
     conda:
         "../envs/evaluate.yaml"
+    # greedy decoding on the CPU is compute-bound: without threads, Snakemake gives the job one
+    # (OMP_NUM_THREADS=1), and it runs on one core however many --cores has
+    threads: 8
     resources:
         gpu=inference_gpus,
     params:

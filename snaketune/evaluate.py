@@ -132,7 +132,7 @@ def answer_both(
     with peft_model.disable_adapter():
         out["base"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
         out["base_general"] = generate_answers(peft_model, tokenizer, template, general_prompts, **general)
-        out["base_nll"] = answer_nll(peft_model, tokenizer, template, out["base_general"], **ask)
+        out["base_nll"] = answer_nll(peft_model, tokenizer, template, out["base_general"], system=system)
     out["adapted"] = generate_answers(peft_model, tokenizer, template, prompts, **identity)
     del peft_model
     merged_model = AutoModelForCausalLM.from_pretrained(
@@ -140,7 +140,7 @@ def answer_both(
     )
     out["merged"] = generate_answers(merged_model, tokenizer, template, prompts, **identity)
     out["merged_general"] = generate_answers(merged_model, tokenizer, template, general_prompts, **general)
-    out["merged_nll"] = answer_nll(merged_model, tokenizer, template, out["base_general"], **ask)
+    out["merged_nll"] = answer_nll(merged_model, tokenizer, template, out["base_general"], system=system)
     return out
 
 

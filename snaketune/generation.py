@@ -105,13 +105,14 @@ def answer_nll(
                 width = max(len(s) for s in seqs)
                 ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
                 mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                logits = model(input_ids=ids, attention_mask=mask).logits
                 for row, (prompt, answer) in enumerate(zip(prompts, chunk)):
                     n = len(answer.token_ids)
-                    # the logits at position i predict token i + 1
-                    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + n, device=device)
+                    # the logits at position i predict token i + 1; normalised only where an answer token
+                    # is scored, not over the prompt's and the padding's positions
+                    logp = torch.log_softmax(logits[row, len(prompt) - 1 : len(prompt) - 1 + n].float(), dim=-1)
                     targets = torch.tensor(answer.token_ids, device=device, dtype=torch.long)
-                    out.append((-logp[row, positions, targets].sum().item(), n))
+                    out.append((-logp[torch.arange(n, device=device), targets].sum().item(), n))
     finally:
         model.train(was_training)
     return out
