@@ -5,6 +5,7 @@ snakemake, and evaluation-only questions kept out of training data."""
 import copy
 import json
 import shutil
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -359,6 +360,9 @@ def test_the_shipped_general_questions():
     assert len({metrics.normalise(q.question) for q in questions}) == len(questions)  # no duplicates
     keyed = [q for q in heldout if q.answers]
     assert len(keyed) >= 40
+    # as many Chinese questions as English ones, in each split: leakage is measured per language
+    for split in (train, heldout):
+        assert Counter(q.lang for q in split)["zh"] == Counter(q.lang for q in split)["en"] >= 50
     # every accepted word matches an answer that is just that word
     assert all(metrics.is_correct(f"{a}.", q.answers) for q in questions for a in q.answers)
 
