@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from trainer_vs_hf import cpu_model, load_average  # noqa: E402
+from trainer_vs_hf import load_average, result_header  # noqa: E402
 
 MODEL = ROOT / "resources/models/smollm2_135m_instruct"
 
@@ -67,13 +65,11 @@ def main() -> None:
         for name, model in models.items():
             times[name].append(round(step(model, ids), 2))
             print(f"{name}: {times[name][-1]} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "what": "one QLoRA training step (forward + backward, 4 x 96 tokens) per NF4 compute dtype",
-        "command": "python bench/cpu_dtype.py " + " ".join(sys.argv[1:]),
-        "machine": cpu_model(),
-        "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
+        **result_header(
+            "one QLoRA training step (forward + backward, 4 x 96 tokens) per NF4 compute dtype",
+            "python bench/cpu_dtype.py " + " ".join(sys.argv[1:]),
+        ),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load_average(),
         "step_s": times,

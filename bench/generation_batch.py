@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from trainer_vs_hf import cpu_model, load_average  # noqa: E402
+from trainer_vs_hf import load_average, result_header  # noqa: E402
 
 MODEL = ROOT / "resources/models/smollm2_135m_instruct"
 SETTINGS = {  # as config/config.yaml's default experiment asks
@@ -48,13 +46,11 @@ def main() -> None:
         sys.exit(f"{MODEL.relative_to(ROOT)}: no model; run `snakemake --cores all final_model` first")
     tokenizer = load_tokenizer(MODEL)
     questions = [q.question for q in evalsets.load("general", split="eval")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "what": "generate_answers on the general question set, per batch size",
-        "command": "python bench/generation_batch.py " + " ".join(sys.argv[1:]),
-        "machine": cpu_model(),
-        "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
+        **result_header(
+            "generate_answers on the general question set, per batch size",
+            "python bench/generation_batch.py " + " ".join(sys.argv[1:]),
+        ),
         "torch_threads": torch.get_num_threads(),
         "questions": len(questions),
         "load_average_at_start": load_average(),

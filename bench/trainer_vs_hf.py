@@ -71,6 +71,20 @@ def cpu_model() -> str:
     return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, {flags}"
 
 
+def result_header(what: str, command: str) -> dict:
+    """What every result file starts with: what was measured, how, where, when, at which commit."""
+    from datetime import date
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "what": what,
+        "command": command,
+        "machine": cpu_model(),
+        "date": date.today().isoformat(),
+        "commit": commit.stdout.strip(),
+    }
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
