@@ -17,7 +17,8 @@ def pick_device() -> str:
 
 
 def compute_dtype(device: str):
-    """bf16 where the GPU has it; fp32 on CPU, where bf16 is much slower (no native bf16; docs/benchmarks.md)."""
+    """bf16 where the GPU has it; fp32 on a CPU, where bf16 is native on some models only: every CPU
+    computes at the same precision (docs/benchmarks.md times a step both ways)."""
     import torch
 
     if device == "cuda":

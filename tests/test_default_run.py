@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from snaketune import evalsets
 
@@ -22,15 +23,22 @@ from .helpers import ROOT, copy_workflow, planned_rules, read_jsonl, snakemake
 def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tmp_path):
     wd = copy_workflow(tmp_path)
     # the evaluate rule's checks ran: merged == base + adapter, answers stop, and the config's thresholds
-    # (identity >= 80% trained and >= 90% on held-out rephrasings, leakage <= 6%, retention >= 85%)
+    # (identity >= 80% trained and >= 90% on held-out rephrasings, leakage <= 6% and <= 5% in each
+    # language, retention >= 85%)
     snakemake(wd, "final_model")
     summary = json.loads((wd / "results/identity/evaluation.json").read_text())
     assert {t["metric"]: t["passed"] for t in summary["thresholds"]} == {
         "identity_trained": True,
         "identity_heldout": True,
         "leakage": True,
+        "leakage[en]": True,
+        "leakage[zh]": True,
         "retention": True,
     }
+    # as many Chinese general questions as English ones, and neither language leaks the identity
+    by_language = summary["leakage_by_language"]
+    assert by_language["zh"]["n"] == by_language["en"]["n"] >= 50
+    assert by_language["zh"]["finetuned"] <= 0.05 and by_language["en"]["finetuned"] <= 0.05
     assert summary["identity_heldout"]["finetuned"] >= 0.9 and summary["identity_heldout"]["n"] >= 10
     assert summary["identity_trained"]["finetuned"] == 1.0
     assert summary["identity_trained"]["base"] == summary["identity_heldout"]["base"] == 0.0
@@ -56,11 +64,15 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     heldout = {q.question for q in evalsets.load("general", split="eval")}
     data = json.loads((wd / "results/data/mixed/identity/data.json").read_text())
     assert not heldout & {t["input"] for r in data for t in r["conversation"]}
-    # the replay records (96 x 2.5) are the ones trained with the kl loss
+    # the replay records (repeated as the config says) are the ones trained with the kl loss
+    [part] = [
+        p
+        for p in yaml.safe_load((wd / "config/config.yaml").read_text())["experiments"]["identity"]["dataset"]
+        if isinstance(p, dict)
+    ]
     replay = json.loads((wd / "results/data/replay/general_replay.json").read_text())
-    assert [r.get("loss") for r in data] == [None] * (len(data) - round(2.5 * len(replay))) + ["kl"] * round(
-        2.5 * len(replay)
-    )
+    kl = round(part["repeat"] * len(replay))
+    assert [r.get("loss") for r in data] == [None] * (len(data) - kl) + ["kl"] * kl
     assert planned_rules(snakemake(wd, "-n", "final_model")) == set()
 
     summary = json.loads((wd / "results/identity/training.json").read_text())
