@@ -67,7 +67,12 @@ def test_resolve_applies_defaults_and_looks_up_references():
     assert [p.name for p in exp.mixture] == ["self_cognition", "general_replay"] and exp.mixed
     assert exp.train.lr == 7e-4 and exp.train.lora.r == 16  # set in config.yaml
     assert exp.train.betas == (0.9, 0.999) and exp.train.lora.target_modules == "all-linear"  # defaults
-    assert exp.export.max_shard_size == "2GB" and exp.merge.dtype == "auto" and exp.evaluation.batch_size == 16
+    assert (
+        exp.export.max_shard_size == "2GB"
+        and exp.merge.dtype == "auto"
+        and exp.evaluation.general_questions == "general"
+    )
+    assert exp.evaluation.batch_size == 64 and exp.evaluation.max_leakage_per_language == 0.05  # set in config.yaml
 
 
 def test_unknown_keys_and_dangling_references_name_their_path():
