@@ -275,9 +275,8 @@ def load_model(
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     try:
         # fp32 on the CPU; on a GPU its compute dtype, or 4-bit NF4 computing in it (--bits 4)
-        dtype = str(compute_dtype(device)).removeprefix("torch.")
         quantization = "nf4" if bits == 4 else "none"
-        model = load_base(model_dir, dtype, trust_remote_code, quantization=quantization, device=device)
+        model = load_base(model_dir, compute_dtype(device), trust_remote_code, quantization=quantization, device=device)
     except pickle.UnpicklingError as err:  # transformers reads .bin weights with weights_only=True
         raise refused_pickle(model_dir, err) from None
     if adapter:

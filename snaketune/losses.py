@@ -65,13 +65,9 @@ def token_loss_sum(model, ids, labels, position_ids, kl=None):
     ce = rows & ~distil
     # the base model's forward only for the rows that distil: the others' would be thrown away
     at = distil.any(1)
-    if not at.all():
-        ids, position_ids, distil_at = ids[at], None if position_ids is None else position_ids[at], distil[at]
-    else:
-        distil_at = distil
-    base = base_model_logits(model, ids, position_ids, head_at)
+    base = base_model_logits(model, ids[at], None if position_ids is None else position_ids[at], head_at)
     log_p = F.log_softmax(logits[distil].float(), -1)
-    log_base = F.log_softmax(base[distil_at].float(), -1)
+    log_base = F.log_softmax(base[distil[at]].float(), -1)
     # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
     # keeps the model from saying what the base model would not (a new name in a general answer)
     return (

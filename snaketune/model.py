@@ -173,19 +173,19 @@ def keep_4bit_weights_trainable(model) -> None:
 
 def load_base(
     model_dir: str | os.PathLike,
-    dtype: str = "auto",
+    dtype: Any = "auto",
     trust_remote_code: bool = False,
     *,
     quantization: str = "none",
     device: str | None = None,
 ):
     """The base model for inference on ``device`` (default: the CPU, or for ``nf4`` the GPU when there
-    is one): unquantised in ``dtype``, or ``nf4`` as QLoRA training loads it (4-bit NF4, double
-    quantization, computing in the device's compute dtype)."""
+    is one): unquantised in ``dtype`` (a torch dtype, its name, or "auto"), or ``nf4`` as QLoRA
+    training loads it (4-bit NF4, double quantization, computing in the device's compute dtype)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     device = device or (pick_device() if quantization == "nf4" else "cpu")
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, device_map=device_map(device), trust_remote_code=trust_remote_code)
     if quantization == "nf4":
