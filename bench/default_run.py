@@ -23,14 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from trainer_vs_hf import cpu_model  # noqa: E402  (one description of the machine for every benchmark)
+from trainer_vs_hf import result_header  # noqa: E402  (one description of the machine for every benchmark)
 
 WORKFLOW = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
 COMMAND = ["snakemake", "--cores", "all", "final_model"]
@@ -76,7 +75,6 @@ def main() -> None:
     name, overlay = args.variant or (None, None)
     stem = f"default_run_{name}" if name else "default_run"
     command = COMMAND + (["--configfile", "config/config.yaml", "variant.yaml"] if overlay else [])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     with tempfile.TemporaryDirectory(prefix="snaketune-default-run-") as tmp:
         workdir = Path(tmp)
         copy_workflow(workdir)
@@ -95,12 +93,10 @@ def main() -> None:
         # every answer, for the docs' quotes and to judge the figures
         shutil.copy2(workdir / "results/identity/evaluation.md", ROOT / f"bench/results/{stem}_evaluation.md")
         result = {
-            "what": "the default run from a fresh copy of the workflow, pip's download cache warm",
-            "command": " ".join(command),
+            **result_header(
+                "the default run from a fresh copy of the workflow, pip's download cache warm", " ".join(command)
+            ),
             "variant": yaml.safe_load(Path(overlay).read_text()) if overlay else None,
-            "machine": cpu_model(),
-            "date": date.today().isoformat(),
-            "commit": commit.stdout.strip(),
             "wall_s": round(wall, 1),
             "jobs": jobs(workdir),
             "evaluation": figures(summary),

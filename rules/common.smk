@@ -11,6 +11,10 @@ st_config.check(config)
 
 LAYOUT = st_config.LAYOUT
 
+# The threads of the jobs that run a model (train, replay_data, evaluate): Snakemake caps them at
+# --cores and sets OMP_NUM_THREADS to them, 1 for a rule that names none, and torch then uses one core.
+MODEL_THREADS = 8
+
 
 @cache
 def resolved(name):

@@ -54,9 +54,7 @@ rule replay_data:
         LAYOUT.benchmark("replay_data", "{dataset}")
     conda:
         "../envs/replay_data.yaml"
-    # greedy decoding on the CPU is compute-bound: without threads, Snakemake gives the job one
-    # (OMP_NUM_THREADS=1), and it runs on one core however many --cores has
-    threads: 8
+    threads: MODEL_THREADS
     resources:
         gpu=replay_gpus,
     params:

@@ -17,9 +17,7 @@ rule evaluate:
         LAYOUT.benchmark("evaluate", "{exp}")
     conda:
         "../envs/evaluate.yaml"
-    # greedy decoding on the CPU is compute-bound: without threads, Snakemake gives the job one
-    # (OMP_NUM_THREADS=1), and it runs on one core however many --cores has
-    threads: 8
+    threads: MODEL_THREADS
     resources:
         gpu=inference_gpus,
     params:

@@ -16,7 +16,7 @@ rule train:
         LAYOUT.benchmark("train", "{exp}")
     conda:
         "../envs/train.yaml"
-    threads: 8
+    threads: MODEL_THREADS
     resources:
         gpu=lambda wc: resolved(wc.exp).gpus,
     params:
