@@ -1,11 +1,17 @@
-"""A real one-node SLURM cluster on loopback (Debian's slurm-wlm and munge), for the tests.
+"""A real SLURM cluster on loopback (Debian's slurm-wlm and munge), for the tests: one node, or
+several nodes on one host.
 
 Needs root and the packages (.ci/run installs them). Every daemon runs in the
 foreground as a child of the test process and is stopped by its process id.
+Several nodes are several slurmd daemons (Debian builds SLURM with multiple-slurmd
+support), each on its own port and in its own UTS namespace, so that a job's
+processes on each node see that node's host name; the node names resolve to
+127.0.0.1 through /etc/hosts lines the cluster adds and removes again.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
@@ -14,36 +20,58 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 SLURM_CONF = Path("/etc/slurm/slurm.conf")  # srun inside a job reads the default path
 GRES_CONF = Path("/etc/slurm/gres.conf")
+HOSTS = Path("/etc/hosts")
 MARK = "# written by snaketune's test suite\n"
+HOSTS_MARK = "# snaketune test cluster"
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 1) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="snaketune-slurm-"))
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host] if nodes == 1 else [f"stnode{i}" for i in range(1, nodes + 1)]
         self.procs: list[subprocess.Popen] = []
+
+    def _node_lines(self, mem_mb: int) -> list[str]:
+        """One node: this host itself. Several: one name each, its own slurmd port, the host's memory shared."""
+        gres = "Gres=gpu:1 State=UNKNOWN"
+        if len(self.nodes) == 1:
+            return [f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} {gres}"]
+        share = mem_mb // len(self.nodes)
+        return [
+            f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={17001 + i} CPUs={os.cpu_count()} "
+            f"RealMemory={share} {gres}"
+            for i, name in enumerate(self.nodes)
+        ]
 
     def _conf(self) -> str:
         mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20) - 2048
         state, spool = self.root / "state", self.root / "spool"
         state.mkdir()
         spool.mkdir()
+        for name in self.nodes:
+            (spool / name).mkdir()
+        several = len(self.nodes) > 1
         return (
             MARK
             + "\n".join(
                 [
                     "ClusterName=snaketune-test",
                     f"SlurmctldHost={self.host}(127.0.0.1)",
-                    "SlurmctldPort=16817",
+                    f"SlurmctldPort={16827 if several else 16817}",
                     "SlurmdPort=16818",
                     "SlurmUser=root",
                     "AuthType=auth/munge",
                     f"StateSaveLocation={state}",
-                    f"SlurmdSpoolDir={spool}",
+                    f"SlurmdSpoolDir={spool}/%n",
                     f"SlurmctldPidFile={self.root}/slurmctld.pid",
-                    f"SlurmdPidFile={self.root}/slurmd.pid",
+                    f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+                    f"SlurmdLogFile={self.root}/slurmd-%n.log",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",
@@ -56,9 +84,8 @@ class Cluster:
                     # One GPU in name only (gres.conf: File=/dev/null): the profile's GPU request is scheduled as
                     # shipped; the job finds no CUDA device and trains on the CPU.
                     "GresTypes=gpu",
-                    f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} Gres=gpu:1 "
-                    "State=UNKNOWN",
-                    f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+                    *self._node_lines(mem_mb),
+                    f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
                 ]
             )
             + "\n"
@@ -83,17 +110,35 @@ class Cluster:
         self._spawn(["/usr/sbin/munged", "-F", "--force"], user="munge")
         self._wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged")
         self._spawn(["/usr/sbin/slurmctld", "-D", "-i"])
-        self._spawn(["/usr/sbin/slurmd", "-D"])
-        self._wait(self._node_idle, "the SLURM node to become idle")
+        if len(self.nodes) == 1:
+            self._spawn(["/usr/sbin/slurmd", "-D"])
+        else:
+            self._add_hosts()
+            for name in self.nodes:
+                cmd = ["unshare", "--uts", "sh", "-c", f"hostname {name} && exec /usr/sbin/slurmd -D -N {name}"]
+                self._spawn(cmd, name=f"slurmd-{name}-stdout")
+        self._wait(self._node_idle, f"the SLURM node{'s' * (len(self.nodes) > 1)} to become idle")
         return self
 
-    def _spawn(self, cmd: list[str], user: str | None = None) -> None:
-        log = open(self.root / f"{Path(cmd[0]).name}.log", "w")
+    def _add_hosts(self) -> None:
+        """The node names resolve to 127.0.0.1 (torchrun's rendezvous looks the head node up by name)."""
+        text = HOSTS.read_text() if HOSTS.exists() else ""
+        line = f"127.0.0.1 {' '.join(self.nodes)} {HOSTS_MARK}\n"
+        HOSTS.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line)
+
+    def _remove_hosts(self) -> None:
+        if HOSTS.exists():
+            lines = HOSTS.read_text().splitlines(keepends=True)
+            HOSTS.write_text("".join(line for line in lines if HOSTS_MARK not in line))
+
+    def _spawn(self, cmd: list[str], user: str | None = None, name: str | None = None) -> None:
+        log = open(self.root / f"{name or Path(cmd[0]).name}.log", "w")
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, user=user))
 
     def _node_idle(self) -> bool:
-        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-        return res.returncode == 0 and res.stdout.strip() in ("idle", "mix")
+        res = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True)
+        states = res.stdout.split()
+        return res.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mix"}
 
     def _wait(self, ready, what: str, timeout: float = 60) -> None:
         deadline = time.time() + timeout
@@ -123,6 +168,7 @@ class Cluster:
         for conf in (SLURM_CONF, GRES_CONF):
             if conf.exists() and conf.read_text().startswith(MARK):
                 conf.unlink()
+        self._remove_hosts()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -132,7 +178,33 @@ def available() -> str | None:
         return "needs root"
     missing = [
         b
-        for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")
+        for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "unshare")
         if not shutil.which(b) and not Path("/usr/sbin", b).exists()
     ]
     return f"missing {', '.join(missing)} (apt-get install slurm-wlm munge)" if missing else None
+
+
+SHIPPED = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())  # profiles/slurm as shipped
+
+
+def cpu_node_profile(wd, **train):
+    """profiles/slurm as shipped, changing only what the 2-core test node lacks: a real partition name,
+    an account (none), an accounting database (status through squeue), and sizes it can hold (8 CPUs
+    per GPU, 64 / 32 GB). The GPU request, one task per job, the walltime and its retry stay."""
+    profile = copy.deepcopy(SHIPPED)
+    profile["default-resources"].update(slurm_partition="debug", mem_mb=3000, cpus_per_task=1)
+    profile["set-resources"]["train"].update(cpus_per_gpu=2, mem_mb=4000, **train)
+    for rule in ("merge", "evaluate"):
+        profile["set-resources"][rule]["mem_mb"] = 4000
+    profile.update(
+        {
+            "slurm-no-account": True,
+            "slurm-status-command": "squeue",
+            "latency-wait": 5,
+            "jobs": 2,
+            "slurm-init-seconds-before-status-checks": 1,
+            "seconds-between-status-checks": 2,
+        }
+    )
+    (wd / "profiles/slurm/config.yaml").write_text(yaml.safe_dump(profile))
+    return profile

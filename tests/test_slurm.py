@@ -12,35 +12,10 @@ import yaml
 from snaketune.checkpoints import COMPLETE
 from snaketune.config import LAYOUT
 
-from .helpers import ROOT, SNAKEMAKE, TINY_CONFIG, copy_workflow, missing, run
-from .slurm_cluster import Cluster, available
+from .helpers import SNAKEMAKE, TINY_CONFIG, copy_workflow, missing, run
+from .slurm_cluster import Cluster, available, cpu_node_profile
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-SHIPPED = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
-
-
-def cpu_node_profile(wd, **train):
-    """profiles/slurm as shipped, changing only what the 2-core test node lacks: a real partition name,
-    an account (none), an accounting database (status through squeue), and sizes it can hold (8 CPUs
-    per GPU, 64 / 32 GB). The GPU request, one task per job, the walltime and its retry stay."""
-    profile = copy.deepcopy(SHIPPED)
-    profile["default-resources"].update(slurm_partition="debug", mem_mb=3000, cpus_per_task=1)
-    profile["set-resources"]["train"].update(cpus_per_gpu=2, mem_mb=4000, **train)
-    for rule in ("merge", "evaluate"):
-        profile["set-resources"][rule]["mem_mb"] = 4000
-    profile.update(
-        {
-            "slurm-no-account": True,
-            "slurm-status-command": "squeue",
-            "latency-wait": 5,
-            "jobs": 2,
-            "slurm-init-seconds-before-status-checks": 1,
-            "seconds-between-status-checks": 2,
-        }
-    )
-    (wd / "profiles/slurm/config.yaml").write_text(yaml.safe_dump(profile))
-    return profile
 
 
 @pytest.fixture(scope="module")
