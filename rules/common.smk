@@ -2,8 +2,11 @@
 # once (snaketune.config: typed sections, defaults, cross-checks); each rule gets only its own
 # section, as a plain dict that Snakemake compares between runs. Every path comes from LAYOUT
 # (snaketune.config.Layout), which the CLI and the tests read too.
+import os
 from dataclasses import asdict
 from functools import cache
+
+from snakemake.exceptions import WorkflowError
 
 from snaketune import config as st_config
 
@@ -154,3 +157,46 @@ def final_outputs(names):
         files = LAYOUT.format(exp=name)
         outputs += [files.merged, files.evaluation, *files.report()]
     return outputs
+
+
+# ---------------------------------------------------------------- trainings over several nodes
+
+
+def resource_value(rule, name):
+    """A resource a profile or --set-resources sets for `rule`, or None."""
+    value = workflow.resource_settings.overwrite_resources.get(rule, {}).get(name)
+    return getattr(value, "value", value)
+
+
+def check_node_settings():
+    """Only the train rule spans nodes: anything else asking for more than one fails at once."""
+    for rule in workflow.resource_settings.overwrite_resources:
+        nodes = resource_value(rule, "nodes")
+        if rule != "train" and isinstance(nodes, int) and nodes > 1:
+            raise WorkflowError(
+                f"set-resources: {rule}: nodes={nodes}: only the train rule spans nodes; "
+                f"remove nodes from {rule}'s resources"
+            )
+
+
+def trainings_over_nodes():
+    """The run's experiments whose training spans several nodes (the profile's train nodes included)."""
+    profile_nodes = resource_value("train", "nodes")
+    if isinstance(profile_nodes, int) and profile_nodes > 1:
+        return list(config.get("run", []))
+    return [name for name in config.get("run", []) if resolved(name).nodes > 1]
+
+
+check_node_settings()
+
+
+onstart:
+    # The executor is known only once the workflow starts (a dry run shows the plan and skips this).
+    several = trainings_over_nodes()
+    executor = getattr(workflow.executor_plugin, "name", "local")
+    if several and executor != "slurm" and not os.environ.get("NNODES"):
+        raise WorkflowError(
+            f"{', '.join(several)}: training over several nodes needs the SLURM executor "
+            "(--workflow-profile profiles/slurm) or XTuner's NNODES, NODE_RANK, ADDR and PORT "
+            f"set on each node (docs/cluster.md); this run uses the {executor} executor"
+        )

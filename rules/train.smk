@@ -18,7 +18,11 @@ rule train:
         "../envs/train.yaml"
     threads: MODEL_THREADS
     resources:
-        gpu=lambda wc: resolved(wc.exp).gpus,
+        gpu=lambda wc: resolved(wc.exp).gpus * resolved(wc.exp).nodes,
+        # several nodes: one SLURM allocation, one task per node that the job starts itself with srun
+        nodes=lambda wc: resolved(wc.exp).nodes,
+        tasks=lambda wc: resolved(wc.exp).nodes if resolved(wc.exp).nodes > 1 else None,
+        mpi=lambda wc: "srun" if resolved(wc.exp).nodes > 1 else None,
     params:
         train=section("train"),
         model=model_section,

@@ -13,6 +13,8 @@ if "snakemake" not in globals():
     by_hand("train")
 else:
     params = snakemake.params
+    # resources.gpu counts the job's GPUs on all its nodes, as SLURM's --gpus does
+    gpus, nodes = int(snakemake.resources.get("gpu", 0)), int(snakemake.resources.get("nodes", 1))
     with job(snakemake.log[0]):
         steps.train(
             steps.TrainJob(
@@ -26,9 +28,10 @@ else:
                 model=ModelConfig.from_dict(params.model),
                 record=params.record,
                 mixture_sources=next(iter(snakemake.input.mixture_sources), None),  # none for one dataset
-                # null ranks: one per GPU the job got (a profile may set the gpu count)
-                ranks=params.ranks or max(1, int(snakemake.resources.get("gpu", 0))),
-                gpus=int(snakemake.resources.get("gpu", 0)),
+                # null ranks: one per GPU the job got on each node (a profile may set the gpu count)
+                ranks=params.ranks or max(1, gpus // nodes),
+                nodes=nodes,
+                gpus=gpus // nodes,
                 experiment_gpus=params.record["gpus"],  # checked against the job's gpus
                 threads=snakemake.threads,
                 workflow_dir=Path(snakemake.scriptdir).parent,

@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,6 +59,11 @@ NOT_IN_FINGERPRINT = {
 
 def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int) -> str:
     """What a checkpoint must have been made with to be resumed: settings, data, model weights, ranks."""
+    return fingerprints(train, data_file, model_dir)(world)
+
+
+def fingerprints(train: TrainConfig, data_file: Path, model_dir: Path) -> Callable[[int], str]:
+    """:func:`fingerprint` for any world size, the files hashed once."""
     from .provenance import model_hash, sha256_file
 
     h = hashlib.sha256()
@@ -67,8 +72,35 @@ def fingerprint(train: TrainConfig, data_file: Path, model_dir: Path, world: int
     )
     h.update(sha256_file(data_file).encode())
     h.update(model_hash(model_dir).encode())
-    h.update(str(world).encode())
-    return h.hexdigest()[:16]
+
+    def at(world: int) -> str:
+        g = h.copy()
+        g.update(str(world).encode())
+        return g.hexdigest()[:16]
+
+    return at
+
+
+def check_world(work_dir: Path, world: int, fingerprint_at: Callable[[int], str]) -> None:
+    """Refuse, before training, to resume on another world size: a checkpoint of this very run definition
+    made by another number of ranks holds ZeRO-2's optimizer state split by those ranks. A finished
+    training (retrained on request) is exempt: its checkpoints are set aside as superseded."""
+    runs = read_jsonl(work_dir / RUNS)
+    if runs and "end" in runs[-1]:
+        return
+    for _, ckpt in reversed(complete_checkpoints(work_dir)):
+        try:
+            record = marker(ckpt)
+        except CheckpointError:
+            continue  # tidy's verification sets it aside
+        other = record.get("world_size")
+        if isinstance(other, int) and other != world and record.get("fingerprint") == fingerprint_at(other):
+            raise CheckpointError(
+                f"{ckpt} was written by a training of world size {other} ({other} rank{'s' * (other > 1)}); "
+                f"this one has world size {world}: ZeRO-2 splits the optimizer state by rank, so it cannot resume "
+                "on another number of ranks",
+                hint=f"train on {other} ranks again (nodes x ranks per node), or move {work_dir} away to start over",
+            )
 
 
 def _checkpoint_dirs(work_dir: Path) -> list[tuple[int, Path]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def cmd_fetch_model(args) -> None:
 
 def cmd_train(args) -> None:
     exp, layout = experiment_of(args)
+    for flag, name in (("nnodes", "NNODES"), ("node_rank", "NODE_RANK"), ("addr", "ADDR"), ("port", "PORT")):
+        if getattr(args, flag) is not None:
+            os.environ[name] = str(getattr(args, flag))
+    per_node = os.environ.get("NPROC_PER_NODE")
     steps.train(
         steps.TrainJob(
             model_dir=args.model or layout.model_dir,
@@ -135,7 +140,8 @@ def cmd_train(args) -> None:
             model=exp.model,
             record=exp.provenance_record(),
             mixture_sources=layout.mixture_sources if exp.mixed and not args.data else None,
-            ranks=args.ranks or exp.ranks or max(1, exp.gpus),
+            ranks=args.ranks or (int(per_node) if per_node else None) or exp.ranks or max(1, exp.gpus),
+            nodes=int(os.environ.get("NNODES") or exp.nodes),
             threads=args.threads,
             workflow_dir=Path(__file__).resolve().parents[1],
             log_file=args.log,
@@ -438,9 +444,15 @@ def _train_command(add) -> None:
         "--ranks",
         type=int,
         default=None,
-        help="data-parallel processes (GPUs, or CPU ranks with gloo), started with torchrun "
-        "(default: the experiment's ranks, else one per GPU)",
+        help="data-parallel processes per node (GPUs, or CPU ranks with gloo), started with torchrun "
+        "(default: NPROC_PER_NODE, else the experiment's ranks, else one per GPU)",
     )
+    # XTuner's launch over several machines: the same command on each node, these set alike but NODE_RANK
+    nodes = sp.add_argument_group("several nodes (XTuner's variables; a flag overrides its variable)")
+    nodes.add_argument("--nnodes", type=int, help="machines in the training (NNODES)")
+    nodes.add_argument("--node-rank", type=int, help="this machine's number, 0 .. nnodes-1 (NODE_RANK)")
+    nodes.add_argument("--addr", help="node 0's address, where the ranks meet (ADDR)")
+    nodes.add_argument("--port", type=int, help="a free port on node 0 (PORT)")
 
 
 def _export_commands(add) -> None:

@@ -214,8 +214,9 @@ class Experiment:
     mixture: list[DatasetPart]  # one part: the dataset itself; more (or a repeat): mixed first
     datasets: dict[str, DatasetConfig]  # the mixture's entries by name
     train: TrainConfig
-    gpus: int = 0
-    ranks: int | None = None
+    gpus: int = 0  # per node
+    ranks: int | None = None  # per node
+    nodes: int = 1
     export: ExportConfig = field(default_factory=ExportConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -251,6 +252,7 @@ class Experiment:
             "mixture": [asdict(part) for part in self.mixture],
             "gpus": self.gpus,
             "ranks": self.ranks,
+            "nodes": self.nodes,
             "dataset_entries": {name: asdict(entry) for name, entry in self.datasets.items()},
         }
 
@@ -379,6 +381,7 @@ def resolve(config: dict, name: str) -> Experiment:
         datasets=datasets,
         gpus=rest.gpus,
         ranks=rest.ranks,
+        nodes=rest.nodes,
         **sections,
     )
 
@@ -412,6 +415,7 @@ class _ExperimentRest:
 
     gpus: int = 0
     ranks: int | None = None
+    nodes: int = 1
 
 
 ROOT_KEYS = ("run", "models", "datasets", "experiments")

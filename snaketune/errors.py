@@ -78,6 +78,10 @@ class TrainingDiverged(SnaketuneError, RuntimeError):
     """The loss, the gradient norm or a trainable weight stopped being a finite number."""
 
 
+class LaunchError(SnaketuneError, RuntimeError):
+    """A training across nodes that could not start where it runs, or whose ranks on some node stopped."""
+
+
 class CheckFailed(SnaketuneError, RuntimeError):
     """An evaluation threshold the config sets was not met."""
 

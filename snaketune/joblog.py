@@ -20,12 +20,22 @@ from .errors import SnaketuneError
 log = logging.getLogger("snaketune")
 
 
+def rank_log(log_file: str | Path, rank_: int) -> Path:
+    """Where rank ``rank_`` (not 0) of a training logs: beside the job's log, ``<name>.rank<N>.log``."""
+    path = Path(log_file)
+    return path.with_name(f"{path.stem}.rank{rank_}{path.suffix or '.log'}")
+
+
 def setup(log_file: str | None) -> None:
-    """Rank 0 (or a lone process) logs to the file; other ranks print warnings only."""
+    """Rank 0 (or a lone process) logs to the file; every other rank to its own file beside it
+    (:func:`rank_log`), printing only warnings."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank() != 0:
+        handlers[0].setLevel(logging.WARNING)
+        if log_file:
+            handlers.append(logging.FileHandler(rank_log(log_file, rank()), mode="a", encoding="utf-8"))
         logging.basicConfig(
-            level=logging.WARNING,
+            level=logging.INFO,
             handlers=handlers,
             force=True,
             format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s",

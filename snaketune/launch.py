@@ -1,4 +1,5 @@
-"""Starting the training ranks: one process, or ``torchrun`` on one node inside the train job.
+"""Starting the training ranks: one process, ``torchrun`` on one node inside the train job, or one
+``torchrun`` per node for a training that spans nodes.
 
 Data parallel runs inside one Snakemake job: the job asks for N GPUs (or, on a
 CPU, N ranks) and starts its own ranks, so Snakemake and SLURM see one task.
@@ -13,6 +14,17 @@ process (same pid) with ``LD_PRELOAD`` set.
 
 Each rank runs :mod:`snaketune.rank_main` (:data:`RANK_MODULE`), which this module
 names but never imports: the launcher stays below the steps it starts.
+
+Several nodes (``nodes`` > 1) start in one of two ways. Inside a SLURM allocation over
+the nodes, the job runs ``srun`` with one task per node; each task runs torchrun, and
+the nodes meet through torchrun's c10d rendezvous on the allocation's first node, at a
+port derived from the job id (two trainings on one head node never share a port).
+``--kill-on-bad-exit`` ends every node's ranks as soon as one node's stop, so a node
+that dies fails the job at once instead of leaving the others waiting in a collective.
+By hand, XTuner's way: the same command on each machine with ``NNODES``, ``NODE_RANK``,
+``ADDR``, ``PORT`` (and ``NPROC_PER_NODE``) set; torchrun then meets at ``ADDR:PORT``
+with node 0 as the host. There a dead node is noticed by the others only when their
+next collective times out (torch.distributed's default, 30 minutes).
 """
 
 from __future__ import annotations
@@ -21,10 +33,14 @@ import ctypes.util
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
+from .errors import ConfigError, LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +68,154 @@ def ensure_dist_env() -> None:
         )
 
 
-def torchrun_command(ranks: int, job: dict[str, Any], *, master_port: int | None = None) -> list[str]:
-    """One node, ``ranks`` processes of ``python -m snaketune.rank_main JOB`` (JOB: the train step's
-    job, ``asdict`` of it, as JSON)."""
+def torchrun_command(
+    ranks: int,
+    job: dict[str, Any],
+    *,
+    master_port: int | None = None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+) -> list[str]:
+    """``ranks`` processes of ``python -m snaketune.rank_main JOB`` on this node (JOB: the train step's
+    job, ``asdict`` of it, as JSON), node ``node_rank`` of ``nnodes`` meeting at the master's address."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nnodes",
-        "1",
+        str(nnodes),
+        "--node_rank",
+        str(node_rank),
         "--nproc_per_node",
         str(ranks),
         "--master_addr",
-        "127.0.0.1",
+        master_addr,
         "--master_port",
         str(master_port or free_port()),
         "-m",
         RANK_MODULE,
         json.dumps(job),
     ]
+
+
+# XTuner's variables for a training started by hand on each node (``NNODES=2 NODE_RANK=0 ADDR=... PORT=...``)
+NODE_VARIABLES = ("NNODES", "NODE_RANK", "ADDR", "PORT")
+RDZV_PORTS = (20000, 10000)  # a SLURM job's rendezvous port: first + job id modulo count
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    first, count = RDZV_PORTS
+    return first + int(job_id) % count
+
+
+def by_hand_nodes() -> dict[str, str] | None:
+    """XTuner's node variables when this process was started with them (all four, or a ConfigError)."""
+    present = {name: os.environ[name] for name in NODE_VARIABLES if os.environ.get(name)}
+    if not present:
+        return None
+    missing = [name for name in NODE_VARIABLES if name not in present]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(sorted(present))} set but not {', '.join(missing)}: a training started by hand on each "
+            "node needs NNODES, NODE_RANK, ADDR and PORT (docs/cluster.md)"
+        )
+    for name in ("NNODES", "NODE_RANK", "PORT"):
+        if not present[name].isdigit():
+            raise ConfigError(f"{name}={present[name]!r}: must be a whole number")
+    if int(present["NODE_RANK"]) >= int(present["NNODES"]):
+        raise ConfigError(f"NODE_RANK={present['NODE_RANK']} with NNODES={present['NNODES']}: ranks are 0..NNODES-1")
+    return present
+
+
+def in_slurm_allocation() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID")) and shutil.which("srun") is not None
+
+
+def nodes_command(nodes: int, ranks: int, job: dict[str, Any]) -> list[str]:
+    """The command that starts a training over ``nodes`` nodes of ``ranks`` ranks each, from here:
+    srun inside a SLURM allocation, or this node's torchrun when started by hand with XTuner's variables."""
+    by_hand = by_hand_nodes()
+    if by_hand is not None:
+        if int(by_hand["NNODES"]) != nodes:
+            raise ConfigError(f"NNODES={by_hand['NNODES']} but the experiment's nodes is {nodes}: set both alike")
+        per_node = os.environ.get("NPROC_PER_NODE")
+        if per_node and per_node != str(ranks):
+            raise ConfigError(
+                f"NPROC_PER_NODE={per_node} but this node starts {ranks} rank{'s' * (ranks > 1)} (the experiment's "
+                "ranks or gpus): every node must start as many; set them alike"
+            )
+        return torchrun_command(
+            ranks,
+            job,
+            nnodes=nodes,
+            node_rank=int(by_hand["NODE_RANK"]),
+            master_addr=by_hand["ADDR"],
+            master_port=int(by_hand["PORT"]),
+        )
+    if in_slurm_allocation():
+        return [
+            "srun",
+            f"--nodes={nodes}",
+            f"--ntasks={nodes}",
+            "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            "-m",
+            RANK_MODULE,
+            "--node",
+            json.dumps({"ranks": ranks, "job": job}),
+        ]
+    raise ConfigError(
+        f"nodes: {nodes}, but this training runs on one machine: run the workflow through the SLURM profile "
+        "(--workflow-profile profiles/slurm), or start it on each node with NNODES, NODE_RANK, ADDR and PORT set "
+        "(docs/cluster.md)"
+    )
+
+
+def node_torchrun(spec: dict[str, Any]) -> list[str]:
+    """Under srun, on each node of the allocation: torchrun for this node's ranks, meeting the other
+    nodes at the allocation's first node. The SLURM variables are read here, where srun sets them."""
+    job_id = os.environ["SLURM_JOB_ID"]
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        os.environ["SLURM_NNODES"],
+        "--nproc_per_node",
+        str(spec["ranks"]),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{hosts[0]}:{rendezvous_port(job_id)}",
+        "--rdzv_id",
+        job_id,
+        "-m",
+        RANK_MODULE,
+        json.dumps(spec["job"]),
+    ]
+
+
+def launch_nodes(nodes: int, ranks: int, job: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    """Run the training over ``nodes`` nodes and wait for it; a node whose ranks stopped fails it, named."""
+    cmd = nodes_command(nodes, ranks, job)
+    env = _rank_env(env)
+    log.info("starting %d nodes x %d rank%s: %s", nodes, ranks, "s" * (ranks > 1), " ".join(cmd[:-1]))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise LaunchError(
+            f"the training across {nodes} nodes stopped (exit status {rc}): the ranks of at least one node "
+            "ended before the others",
+            hint="each rank's log lies beside the job's log (<log>.rank<N>.log); a rerun resumes from the newest "
+            "complete checkpoint on the same number of nodes and ranks",
+        )
 
 
 def find_tcmalloc() -> str | None:
@@ -96,8 +241,6 @@ def allocator_env(setting: str) -> dict[str, str] | None:
     """The environment a training process should start with for ``train.allocator`` (auto, tcmalloc or
     system), or None when this process's own will do: system; tcmalloc already loaded; auto and no
     tcmalloc installed (logged); a preload already asked for that did not load (warned: no loop)."""
-    from .config import ConfigError
-
     if setting not in ALLOCATORS:
         raise ConfigError(f"train.allocator: {setting!r} is not one of {', '.join(ALLOCATORS)}")
     if setting == "system" or malloc_in_use() == "tcmalloc":
@@ -129,10 +272,7 @@ def relaunch(ranks: int, job: dict[str, Any], env: dict[str, str] | None = None)
     """Become torchrun, running the train step's ``job`` once per rank, or, for one rank, become a
     fresh process of it in ``env`` (the allocator's preload)."""
     cmd = torchrun_command(ranks, job) if ranks > 1 else [sys.executable, "-m", RANK_MODULE, json.dumps(job)]
-    env = dict(env or os.environ)
-    # The ranks import this very package, installed or not (a conda env installs only its dependencies).
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = _rank_env(env)
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
         log.info("allocator: LD_PRELOAD=%s", env["LD_PRELOAD"])
     log.info("starting %d rank%s: %s", ranks, "s" * (ranks > 1), " ".join(cmd))
@@ -140,6 +280,15 @@ def relaunch(ranks: int, job: dict[str, Any], env: dict[str, str] | None = None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)
+
+
+def _rank_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The ranks' environment: ``env`` (or this process's), with this package importable."""
+    env = dict(env or os.environ)
+    # The ranks import this very package, installed or not (a conda env installs only its dependencies).
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def die_with_parent() -> None:

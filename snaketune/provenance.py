@@ -100,6 +100,8 @@ def write(
     world_size: int,
     runs: list[dict],
     device: str,
+    nodes: int = 1,
+    hosts: list[str] | None = None,
 ) -> dict:
     record = {
         "config": config,
@@ -110,6 +112,9 @@ def write(
         "workflow": git_commit(workflow_dir),
         "seed": seed,
         "world_size": world_size,
+        "nodes": nodes,
+        "ranks_per_node": world_size // nodes,
+        "hosts": hosts or [],  # each rank's host, by rank
         "runs": runs,
         "resumed_from": [r["resumed_from"] for r in runs if r.get("resumed_from") is not None],
     }

@@ -192,8 +192,9 @@ class TrainJob(Section):
     provenance: str | None = None
     record: dict[str, Any] | None = None  # what provenance.json records beside train and model
     mixture_sources: str | None = None  # mix_data's record of a mixture, for the provenance
-    ranks: int = 1
-    gpus: int | None = None  # the GPUs the job was given (resources.gpu); None: run by hand
+    ranks: int = 1  # per node
+    nodes: int = 1
+    gpus: int | None = None  # the GPUs the job was given on each node (resources.gpu / nodes); None: by hand
     experiment_gpus: int | None = None  # the experiment's gpus, which the job's must equal
     threads: int | None = None  # CPU threads in all, shared among the ranks
     workflow_dir: str = "."
@@ -228,16 +229,21 @@ def train(job: TrainJob) -> None:
 
     With more than one rank, or a malloc to preload, this process becomes torchrun (or a fresh
     process of itself), which runs this same function with the same job once per rank; only rank 0
-    writes the results. The summary is written last: its presence means training finished.
+    writes the results. Over several nodes it starts one torchrun per node and waits for them
+    (:func:`snaketune.launch.launch_nodes`). The summary is written last: its presence means training
+    finished.
     """
-    from .launch import allocator_env, inside_launcher, relaunch
+    from .launch import allocator_env, inside_launcher, launch_nodes, relaunch
     from .train import train as run
 
     if not inside_launcher():
         take_gpus(job)
-    env = None if inside_launcher() else allocator_env(job.train.allocator)
-    if (job.ranks > 1 or env) and not inside_launcher():
-        relaunch(job.ranks, asdict(job.per_rank()), env)
+        env = allocator_env(job.train.allocator)
+        if job.nodes > 1:
+            launch_nodes(job.nodes, job.ranks, asdict(job.per_rank()), env)
+            return
+        if job.ranks > 1 or env:
+            relaunch(job.ranks, asdict(job.per_rank()), env)
     training_summary = run(
         job.model_dir,
         job.data_file,
@@ -283,6 +289,8 @@ def _write_results(job: TrainJob, training_summary: dict) -> None:
             workflow_dir=job.workflow_dir,
             seed=job.train.seed,
             world_size=training_summary["world_size"],
+            nodes=training_summary["nodes"],
+            hosts=training_summary["hosts"],
             runs=training_summary["runs"],
             device=training_summary["device"],
         )

@@ -410,6 +410,9 @@ def train(
     device = setup_distributed(threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     work_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint_at = checkpoints.fingerprints(cfg, data_file, model_dir)
+    checkpoints.check_world(work_dir, world, fingerprint_at)  # every rank, before the model loads
+    fingerprint = fingerprint_at(world)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
@@ -418,7 +421,6 @@ def train(
     if rank == 0:
         log_plan(plan, cfg, rank, world, rows_per)
         log.info("malloc: %s", malloc_in_use())
-    fingerprint = checkpoints.fingerprint(cfg, data_file, model_dir, world)
     resumed_from = resume(engine, work_dir, fingerprint, plan.total_iters)
     if resumed_from is None:
         evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
@@ -438,9 +440,24 @@ def train(
             checkpoints.save(engine, work_dir, end, fingerprint=fingerprint, keep=cfg.save_total_limit)
         if last or end // cfg.evaluation_freq > start // cfg.evaluation_freq:
             evaluate_during_training(engine, tokenizer, cfg, work_dir, end)
+    hosts = rank_hosts()
     summary = finish(work_dir, plan, cfg, world, resumed_from, time.time() - t_start, device) if rank == 0 else None
+    if summary is not None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's ranks on this node
+        summary.update(nodes=world // per_node, ranks_per_node=per_node, hosts=hosts)
     dist.barrier()
     return summary
+
+
+def rank_hosts() -> list[str]:
+    """Each rank's host name, by rank (every rank must call it: it is a collective)."""
+    import socket
+
+    import torch.distributed as dist
+
+    hosts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return [str(h) for h in hosts]
 
 
 def optimizer_step(

@@ -1,6 +1,7 @@
 """Data parallel ranks (gloo on the CPU), loss normalisation, determinism, multi-node launch command."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,3 +129,59 @@ def test_torchrun_runs_the_train_step_once_per_rank():
     cmd = torchrun_command(2, call, master_port=1234)
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "1234"
     assert cmd[-3:-1] == ["-m", "snaketune.rank_main"] and json.loads(cmd[-1]) == call
+
+
+@pytest.mark.slow
+def test_two_launchers_started_by_hand_train_as_one_like_xtuners_nnodes(tmp_path):
+    """XTuner's launch over machines: the same `snaketune train` started on each node with NNODES, NODE_RANK,
+    ADDR and PORT (here two launchers on 127.0.0.1, one rank each) is one training of world size 2, equal
+    bit for bit to 2 ranks on one node; each node's rank logs beside the job's log."""
+    import os
+    import subprocess
+
+    from snaketune.launch import free_port
+
+    data = unequal_data(tmp_path / "unequal.json")  # the data train_exact() gives the reference below
+    work, out, log = tmp_path / "w", tmp_path / "o.json", tmp_path / "train.log"
+    cmd = train_cmd(work, out, data=data, **EXACT, batch_size=1, accumulative_counts=1) + ["--log", str(log)]
+    nodes = {"NNODES": "2", "ADDR": "127.0.0.1", "PORT": str(free_port()), "NPROC_PER_NODE": "1"}
+    procs = [
+        subprocess.Popen(cmd, env={**os.environ, **nodes, "NODE_RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    summary = json.loads(out.read_text())
+    assert (summary["world_size"], summary["nodes"], summary["ranks_per_node"]) == (2, 2, 1)
+    assert len(summary["hosts"]) == 2
+    prov = json.loads(out.with_suffix(".prov.json").read_text())
+    assert (prov["world_size"], prov["nodes"], prov["ranks_per_node"]) == (2, 2, 1)
+    assert "rank1" in (tmp_path / "train.rank1.log").read_text()
+    _, ref = train_exact(tmp_path, "ref", ranks=2, data=data, batch_size=1, accumulative_counts=1)
+    assert_same_state(read_lora_state(summary["checkpoint"]), read_lora_state(ref["checkpoint"]))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NNODES": "2", "NODE_RANK": "0"}, "NNODES, NODE_RANK set but not ADDR, PORT"),
+        ({"NNODES": "2", "NODE_RANK": "2", "ADDR": "h", "PORT": "1"}, "NODE_RANK=2 with NNODES=2"),
+        ({"NNODES": "two", "NODE_RANK": "0", "ADDR": "h", "PORT": "1"}, "NNODES='two': must be a whole number"),
+        ({"NNODES": "3", "NODE_RANK": "0", "ADDR": "h", "PORT": "1"}, "NNODES=3 but the experiment's nodes is 2"),
+        (
+            {"NNODES": "2", "NODE_RANK": "0", "ADDR": "h", "PORT": "1", "NPROC_PER_NODE": "4"},
+            "NPROC_PER_NODE=4 but this node starts 1 rank",
+        ),
+        ({}, "nodes: 2, but this training runs on one machine"),
+    ],
+)
+def test_bad_node_settings_are_one_line_naming_them(monkeypatch, env, message):
+    from snaketune.errors import ConfigError
+    from snaketune.launch import NODE_VARIABLES, nodes_command
+
+    for name in (*NODE_VARIABLES, "NPROC_PER_NODE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        nodes_command(2, 1, {})

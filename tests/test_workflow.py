@@ -182,6 +182,23 @@ def test_config_typo_fails_before_any_job(workflow, tmp_path):
     assert res.returncode != 0 and "experiments.tiny.model: no model named 'nope'" in res.stdout + res.stderr
 
 
+def test_training_over_nodes_without_slurm_or_nnodes_stops_before_any_job(workflow, tmp_path):
+    """nodes: 2 run locally without XTuner's variables: the run stops before its first job, saying what to set;
+    a profile that gives another rule than train several nodes is refused, in a dry run too."""
+    wd = copy_workflow(tmp_path / "wf")  # nothing made yet
+    (wd / "config" / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG, allow_unicode=True))
+    edit_config(wd, lambda cfg: cfg["experiments"]["tiny"].update(nodes=2))
+    assert snakemake(wd, "-n", "final_model").returncode == 0  # the plan is shown
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "ADDR", "PORT")}
+    res = run([*SNAKEMAKE, "--cores", "2", "final_model"], cwd=wd, env=env, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "tiny: training over several nodes needs the SLURM executor" in out, out[-2000:]
+    assert "NNODES, NODE_RANK, ADDR and PORT" in out and not (wd / "resources").exists()
+    res = snakemake(workflow, "-n", "final_model", "--set-resources", "merge:nodes=2", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "merge: nodes=2: only the train rule spans nodes" in out, out[-2000:]
+
+
 def test_lint_is_clean():
     res = run([*SNAKEMAKE, "--lint"], cwd=ROOT)
     assert "Lints for" not in res.stdout + res.stderr
