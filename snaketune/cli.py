@@ -179,6 +179,10 @@ def cmd_merge(args) -> None:
         )
     if len(paths) in (1, 4):
         args.experiment, paths = paths[0], paths[1:]
+    if len(paths) == 3 and not args.template and not Path(args.config).is_file():
+        args.usage_error(
+            f"give --template NAME with BASE ADAPTER OUTPUT: there is no config to take it from ({args.config} not found)"
+        )
     if args.template and len(paths) == 3:  # no config needed
         merge, trust = MergeConfig(), args.trust_remote_code
         template = args.template

@@ -13,6 +13,7 @@ Anyone who reaches the port can use the model unless a login is required
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -124,7 +125,9 @@ def check_address(host: str, port: int) -> None:
         except OSError as err:
             raise ConfigError(
                 f"{host}:{port}: cannot serve the page there ({err.strerror})",
-                hint="choose another --port, or stop what listens on that one",
+                hint="give an address of this machine"
+                if err.errno == errno.EADDRNOTAVAIL
+                else "choose another --port, or stop what listens on that one",
             ) from None
 
 

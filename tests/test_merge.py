@@ -156,6 +156,11 @@ def test_a_base_with_only_pickled_weights_needs_allow_pickle(tmp_path):
 def test_cli_usage_errors_and_local_paths_never_go_to_a_hub(tmp_path):
     res = run_cli("merge", "a", "b", check=False, cwd=tmp_path)
     assert res.returncode == 2 and "OUTPUT is missing" in res.stderr.splitlines()[-1]
+    res = run_cli("merge", "a", "b", "c", check=False, cwd=tmp_path)  # no config here to take a template from
+    assert (
+        res.returncode == 2
+        and "give --template NAME with BASE ADAPTER OUTPUT: there is no config" in res.stderr.splitlines()[-1]
+    )
     start = time.monotonic()
     res = run_cli("merge", "a", "b", "c", "--template", "internlm2_chat", check=False, cwd=tmp_path)
     assert res.returncode == 1 and "no such model directory: a" in res.stderr

@@ -198,9 +198,10 @@ def test_page_streams_the_greedy_answers_keeps_history_clears_and_stops(browser,
     assert "share=True" not in server_output() and "login required" in server_output()  # no link it cannot make
 
 
-def test_a_busy_port_is_refused_before_the_model_loads(tmp_path):
+def test_a_busy_port_or_a_host_elsewhere_is_refused_before_the_model_loads(tmp_path):
     """One line naming host:port, and the model is never loaded: MODEL here is an empty directory,
-    which loading would refuse with another error. Serving beyond this machine without --auth warns."""
+    which loading would refuse with another error. Serving beyond this machine without --auth warns;
+    an address of no interface here asks for one that is."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -211,6 +212,10 @@ def test_a_busy_port_is_refused_before_the_model_loads(tmp_path):
     assert "WARNING" in warning and "--host 0.0.0.0 without --auth: anyone who reaches this port" in warning
     assert f"ConfigError: 0.0.0.0:{port}: cannot serve the page there (Address already in use)" in error
     assert "not a model directory" not in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("web", tmp_path, "--host", "192.0.2.1", "--auth", "a:b", check=False)  # TEST-NET: no machine's
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert "192.0.2.1:7860: cannot serve the page there" in line and "Hint: give an address of this machine" in line
 
 
 def test_an_open_host_without_a_login_warns(caplog):
