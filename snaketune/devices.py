@@ -10,6 +10,7 @@ plain function of those numbers, so that it is tested on a machine without a GPU
 - :func:`check_ranks`: the training ranks against the job's GPUs and the experiment's ``gpus``.
 - :func:`inference_placement`: evaluation and replay generation on the job's GPU, in half
   precision, or on the CPU in fp32.
+- :func:`training_dtype`: what training computes in besides its fp32 loss and LoRA weights.
 - :func:`agreed_minimum`: a per-rank measurement that changes how many collective calls a rank
   makes (free memory) reduced to one value all ranks share.
 - :func:`inference_bytes`: what a model needs in memory to answer, for sizing the profiles.
@@ -162,6 +163,14 @@ def inference_placement(job_gpus: int | None, cuda_devices: int, bf16_supported:
     if saved_dtype == "float16" or (saved_dtype == "bfloat16" and bf16_supported):
         return Placement("cuda", saved_dtype)
     return Placement("cuda", "bfloat16" if bf16_supported else "float16")
+
+
+def training_dtype(device: str, bf16_supported: bool) -> str:
+    """The dtype a training computes in besides its fp32 loss, LoRA master weights, gradients and
+    optimizer: on a GPU with bf16 the 4-bit matmuls' and the forward pass's (autocast) bf16. fp32
+    everywhere else: small fp16 gradients underflow without loss scaling, which DeepSpeed gives only
+    to weights it keeps in fp16 (these stay fp32), and on a CPU bf16 is slower than fp32."""
+    return "bfloat16" if device == "cuda" and bf16_supported else "float32"
 
 
 def placement_here(job_gpus: int | None, model_dir: str | os.PathLike | None = None) -> Placement:

@@ -175,6 +175,14 @@ def test_answers_are_generated_on_the_jobs_gpu_in_half_precision():
     assert inference_placement(None, 0, False) == Placement("cpu", "float32")
 
 
+def test_training_computes_in_bf16_only_on_a_gpu_that_has_it():
+    """Besides the fp32 loss and LoRA weights: bf16 on a GPU that has it, fp32 on one that has not
+    (fp16's gradients would need loss scaling) and on the CPU."""
+    assert devices.training_dtype("cuda", True) == "bfloat16"
+    assert devices.training_dtype("cuda", False) == "float32"  # V100, T4
+    assert devices.training_dtype("cpu", True) == devices.training_dtype("cpu", False) == "float32"
+
+
 def test_the_tiny_models_placement_here_is_the_cpu():
     assert devices.placement_here(None, TINY_BASE) == Placement("cpu", "float32")
 
