@@ -105,6 +105,21 @@ def test_train_job_refuses_more_ranks_than_gpus_before_starting(tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_a_job_given_no_gpu_sees_none(tmp_path, monkeypatch):
+    """On a machine of two GPUs, the train and evaluate jobs of an experiment of gpus: 0 (resources
+    gpu=0) hide the GPUs before anything touches CUDA, and so run on the CPU instead of on GPU 0,
+    which a GPU job may hold; SLURM's CUDA_VISIBLE_DEVICES included. By hand every GPU stays visible."""
+    monkeypatch.delenv(devices.VISIBLE, raising=False)
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0 if os.environ.get(devices.VISIBLE) == "" else 2)
+    steps.take_gpus(_job(tmp_path, ranks=1))
+    assert devices.VISIBLE not in os.environ
+    steps.take_gpus(_job(tmp_path, ranks=1, gpus=0, experiment_gpus=0))
+    assert os.environ[devices.VISIBLE] == ""
+    monkeypatch.setenv(devices.VISIBLE, "1")
+    assert devices.inference_device(0) == Placement("cpu", "float32")
+    assert os.environ[devices.VISIBLE] == ""
+
+
 CLAIM = """
 import os, sys, time
 from pathlib import Path
