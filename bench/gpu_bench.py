@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from snaketune.config import LoraConfig, TrainConfig
-    from snaketune.model import compute_dtype
+    from snaketune.devices import training_dtype
     from snaketune.train import (
         Plan,
         build_engine,
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup_steps": args.warmup_steps,
             "timed_steps": steps,
             "quantization": "nf4 + double quantization",
-            "compute_dtype": str(compute_dtype(device)).replace("torch.", ""),
+            # the 4-bit matmuls' (snaketune.devices.training_dtype)
+            "compute_dtype": training_dtype(device, device == "cuda" and torch.cuda.is_bf16_supported()),
             # the forward pass outside the 4-bit matmuls (snaketune.train.training_autocast)
             "autocast": autocast_dtype(device),
             "attention_implementation": getattr(engine.module.config, "_attn_implementation", None),

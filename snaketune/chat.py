@@ -37,9 +37,10 @@ from typing import Any, TextIO
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from .devices import placement_here
 from .encoding import IGNORE_INDEX, encode_conversation, resolve_template, stop_token_ids
 from .errors import ConfigError, ConversationTooLong, UnsafeCheckpoint
-from .model import compute_dtype, load_base, load_peft_model, load_tokenizer, pick_device
+from .model import load_base, load_peft_model, load_tokenizer
 from .templates import TOKENIZER_TEMPLATE, PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -262,11 +263,12 @@ def load_model(
     bits: int | None = None,
     trust_remote_code: bool = False,
 ):
-    """(model, tokenizer) for chatting: fp32 on the CPU; on a GPU its compute dtype, or NF4 with ``bits=4``."""
-    device = pick_device()
+    """(model, tokenizer) for chatting where evaluate would answer (:func:`snaketune.devices.placement_here`):
+    fp32 on the CPU; on a GPU in half precision, or NF4 with ``bits=4``."""
     if bits not in (None, 4):
         raise ConfigError(f"--bits {bits}: only 4 (NF4) is supported")
-    if bits == 4 and device != "cuda":
+    place = placement_here(None, model_dir)
+    if bits == 4 and place.device != "cuda":
         raise ConfigError(
             "--bits 4 loads the model in 4-bit NF4 with bitsandbytes on a CUDA GPU, and there is none "
             "here; leave --bits out to chat in fp32 on the CPU"
@@ -274,9 +276,8 @@ def load_model(
     check_model_dir(model_dir, adapter)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     try:
-        # fp32 on the CPU; on a GPU its compute dtype, or 4-bit NF4 computing in it (--bits 4)
-        quantization = "nf4" if bits == 4 else "none"
-        model = load_base(model_dir, compute_dtype(device), trust_remote_code, quantization=quantization, device=device)
+        quantization = "nf4" if bits == 4 else "none"  # NF4 computes in the GPU's compute dtype
+        model = load_base(model_dir, place.dtype, trust_remote_code, quantization=quantization, device=place.device)
     except pickle.UnpicklingError as err:  # transformers reads .bin weights with weights_only=True
         raise refused_pickle(model_dir, err) from None
     if adapter:

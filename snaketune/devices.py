@@ -6,10 +6,12 @@ plain function of those numbers, so that it is tested on a machine without a GPU
 
 - :func:`assign_gpus`: on a local run, Snakemake counts GPUs (``--resources gpu=N``) but does
   not say which ones a job may use; each GPU job takes its own from lock files under
-  ``.snakemake/`` and sets ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA.
+  ``.snakemake/`` and sets ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA, and a job given
+  none sees none.
 - :func:`check_ranks`: the training ranks against the job's GPUs and the experiment's ``gpus``.
 - :func:`inference_placement`: evaluation and replay generation on the job's GPU, in half
   precision, or on the CPU in fp32.
+- :func:`training_dtype`: what training computes in besides its fp32 loss and LoRA weights.
 - :func:`agreed_minimum`: a per-rank measurement that changes how many collective calls a rank
   makes (free memory) reduced to one value all ranks share.
 - :func:`inference_bytes`: what a model needs in memory to answer, for sizing the profiles.
@@ -46,19 +48,24 @@ def cuda_device_count() -> int:
 
 
 def assign_gpus(
-    n: int, *, total: int | None = None, lock_dir: Path = LOCK_DIR, wait_s: float = 120
+    n: int | None, *, total: int | None = None, lock_dir: Path = LOCK_DIR, wait_s: float = 120
 ) -> list[int] | None:
     """Give this job ``n`` GPUs of its own on this host and make them the only ones it sees.
 
-    Nothing to do (None) when the job asks for none, when ``CUDA_VISIBLE_DEVICES`` is set already
-    (SLURM sets it to the job's allocation; a user may set it by hand), or when there is no GPU.
+    A job given none (``n`` 0: resources.gpu=0) sees none, so it runs on the CPU as its experiment
+    says instead of on GPU 0, which a GPU job may hold. Nothing to do (None) by hand (``n`` None),
+    when ``CUDA_VISIBLE_DEVICES`` is set already (SLURM sets it to the job's allocation; a user may
+    set it by hand), or when there is no GPU.
     Otherwise the first ``n`` GPUs whose lock file no other process holds are taken (``flock``: the
     kernel releases them when the job's process ends, however it ends), and ``CUDA_VISIBLE_DEVICES``
     names them. The lock stays held across the training job's relaunch (the descriptors are
     inherited by ``exec``). A job that finds too few free GPUs waits ``wait_s`` for a finishing job to
     let go of its own, then fails.
     """
-    if n <= 0 or VISIBLE in os.environ:
+    if n == 0:
+        os.environ[VISIBLE] = ""
+        return None
+    if n is None or VISIBLE in os.environ:
         return None
     total = cuda_device_count() if total is None else total
     if total == 0:
@@ -164,6 +171,14 @@ def inference_placement(job_gpus: int | None, cuda_devices: int, bf16_supported:
     return Placement("cuda", "bfloat16" if bf16_supported else "float16")
 
 
+def training_dtype(device: str, bf16_supported: bool) -> str:
+    """The dtype a training computes in besides its fp32 loss, LoRA master weights, gradients and
+    optimizer: on a GPU with bf16 the 4-bit matmuls' and the forward pass's (autocast) bf16. fp32
+    everywhere else: small fp16 gradients underflow without loss scaling, which DeepSpeed gives only
+    to weights it keeps in fp16 (these stay fp32), and on a CPU bf16 is slower than fp32."""
+    return "bfloat16" if device == "cuda" and bf16_supported else "float32"
+
+
 def placement_here(job_gpus: int | None, model_dir: str | os.PathLike | None = None) -> Placement:
     """:func:`inference_placement` for this process and the model saved in ``model_dir``."""
     import json
@@ -182,7 +197,7 @@ def placement_here(job_gpus: int | None, model_dir: str | os.PathLike | None = N
 def inference_device(job_gpus: int | None, model_dir: str | os.PathLike | None = None) -> Placement:
     """A generating job's device and dtype: its own GPU on a local run (:func:`assign_gpus`), then
     :func:`placement_here` for the model saved in ``model_dir``."""
-    assign_gpus(job_gpus or 0)
+    assign_gpus(job_gpus)
     place = placement_here(job_gpus, model_dir)
     log.info("answering on %s in %s", place.device, place.dtype)
     return place

@@ -8,6 +8,7 @@ from typing import Any
 
 from .adapter import ADAPTER_INDEX, check_finite, lora_kwargs, read_adapter_weights
 from .config import LoraConfig
+from .devices import training_dtype
 
 
 def pick_device() -> str:
@@ -85,14 +86,15 @@ def load_for_training(
     gradient_checkpointing: bool = True,
     device: str | None = None,
 ):
-    """Base model in 4-bit NF4 (double quantization) with trainable LoRA adapters on all linear layers."""
+    """Base model in 4-bit NF4 (double quantization) with trainable LoRA adapters on all linear layers,
+    computing in :func:`snaketune.devices.training_dtype`."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
-    dtype = compute_dtype(device)
+    dtype = getattr(torch, training_dtype(device, device == "cuda" and torch.cuda.is_bf16_supported()))
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map(device))
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)

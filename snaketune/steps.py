@@ -262,7 +262,7 @@ def take_gpus(job: TrainJob) -> None:
     them, the job's allocation and the experiment's gpus (:mod:`snaketune.devices`)."""
     from . import devices
 
-    devices.assign_gpus(job.gpus or 0)
+    devices.assign_gpus(job.gpus)
     devices.check_ranks(
         job.ranks, job_gpus=job.gpus, experiment_gpus=job.experiment_gpus, cuda_devices=devices.cuda_device_count()
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import checkpoints
 from .batching import Batches, Row, as_rows, encode_dataset, epoch_batches, iters_per_epoch, pack, passes
 from .config import TrainConfig
-from .devices import agreed_minimum, reduce_bucket_elements
+from .devices import agreed_minimum, reduce_bucket_elements, training_dtype
 from .encoding import IGNORE_INDEX
 from .errors import TrainingDiverged
 from .files import append_jsonl, filter_jsonl
@@ -336,17 +336,15 @@ def train_window(engine, window: list[tuple], real_tokens: int) -> dict[str, flo
 
 
 def training_autocast(device_type: str):
-    """The forward pass's precision: bf16 autocast on a GPU that has bf16 (attention, the LoRA and
-    output-layer matmuls on its bf16 units; the loss, the LoRA master weights and their gradients
-    stay fp32); fp32 elsewhere. fp16 autocast would need loss scaling, so a GPU without bf16 (and
-    the CPU, where bf16 is slower than fp32) computes the non-quantized layers in fp32."""
+    """The forward pass's precision (:func:`snaketune.devices.training_dtype`): bf16 autocast on a GPU
+    that has bf16 (attention, the LoRA and output-layer matmuls on its bf16 units; the loss, the LoRA
+    master weights and their gradients stay fp32); fp32 elsewhere."""
     import contextlib
 
     import torch
 
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = training_dtype(device_type, device_type == "cuda" and torch.cuda.is_bf16_supported())
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def check_finite(engine, row: dict, work_dir: Path) -> None:

@@ -105,6 +105,21 @@ def test_train_job_refuses_more_ranks_than_gpus_before_starting(tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_a_job_given_no_gpu_sees_none(tmp_path, monkeypatch):
+    """On a machine of two GPUs, the train and evaluate jobs of an experiment of gpus: 0 (resources
+    gpu=0) hide the GPUs before anything touches CUDA, and so run on the CPU instead of on GPU 0,
+    which a GPU job may hold; SLURM's CUDA_VISIBLE_DEVICES included. By hand every GPU stays visible."""
+    monkeypatch.delenv(devices.VISIBLE, raising=False)
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0 if os.environ.get(devices.VISIBLE) == "" else 2)
+    steps.take_gpus(_job(tmp_path, ranks=1))
+    assert devices.VISIBLE not in os.environ
+    steps.take_gpus(_job(tmp_path, ranks=1, gpus=0, experiment_gpus=0))
+    assert os.environ[devices.VISIBLE] == ""
+    monkeypatch.setenv(devices.VISIBLE, "1")
+    assert devices.inference_device(0) == Placement("cpu", "float32")
+    assert os.environ[devices.VISIBLE] == ""
+
+
 CLAIM = """
 import os, sys, time
 from pathlib import Path
@@ -175,8 +190,42 @@ def test_answers_are_generated_on_the_jobs_gpu_in_half_precision():
     assert inference_placement(None, 0, False) == Placement("cpu", "float32")
 
 
+def test_training_computes_in_bf16_only_on_a_gpu_that_has_it():
+    """Besides the fp32 loss and LoRA weights: bf16 on a GPU that has it, fp32 on one that has not
+    (fp16's gradients would need loss scaling) and on the CPU."""
+    assert devices.training_dtype("cuda", True) == "bfloat16"
+    assert devices.training_dtype("cuda", False) == "float32"  # V100, T4
+    assert devices.training_dtype("cpu", True) == devices.training_dtype("cpu", False) == "float32"
+
+
 def test_the_tiny_models_placement_here_is_the_cpu():
     assert devices.placement_here(None, TINY_BASE) == Placement("cpu", "float32")
+
+
+@pytest.mark.parametrize("model", sorted(set(SHAPES) - {"Shanghai_AI_Laboratory/internlm2-1_8b"}))
+def test_the_memory_estimate_counts_what_transformers_builds(model):
+    """inference_bytes, which the profile test sizes jobs by: its weights are the parameters of the
+    preset's model as transformers builds it (InternLM 7B has attention biases, the estimate none),
+    and its KV cache is what a cached forward of a small model of the same kind keeps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[model]
+    with torch.device("meta"):
+        built = LlamaForCausalLM(LlamaConfig(**shape, attention_bias="internlm-" in model))
+    params = sum(p.numel() for p in built.parameters())
+    assert inference_bytes(shape, 2, 0, 0) == pytest.approx(2 * params, rel=1e-3)
+
+    small = dict(shape, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=50)
+    if "num_key_value_heads" in shape:  # grouped as the preset's model
+        small["num_key_value_heads"] = 4 * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = LlamaForCausalLM(LlamaConfig(**small)).eval()(input_ids=torch.zeros(3, 7, dtype=torch.long))
+    cache = sum(
+        t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+    )
+    assert inference_bytes(small, 4, 3, 7) - inference_bytes(small, 4, 0, 0) == cache
 
 
 # A generous decode rate for a 7B model in bf16, batch <= 16, on any data-centre GPU of the last
@@ -185,6 +234,22 @@ def test_the_tiny_models_placement_here_is_the_cpu():
 DECODE_STEPS_PER_S = 5
 LOAD_BYTES_PER_S = 100e6
 SMALLEST_GPU = 40 * GiB  # docs/gpu.md: the presets' evaluation needs a 40 GB card (the 7B: batches of 16)
+
+
+def _dry_run_resources(tmp_path: Path, config: dict, *profile: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(rule, its first wildcard's value) -> the resources Snakemake gives each job of ``config``
+    (through ``profile``: e.g. --workflow-profile profiles/slurm), from a dry run."""
+    (tmp_path / "dry_run.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    wd = copy_workflow(tmp_path / "wd")
+    cmd = [*SNAKEMAKE, "-n", "final_model", *profile, "--configfile", tmp_path / "dry_run.yaml"]
+    res = run(cmd, cwd=wd, env=_env(), timeout=120)
+    planned = {}
+    for block in re.split(r"\n(?=\[.*\]\nrule )", res.stdout + res.stderr):
+        rule, wildcard = re.search(r"rule (\w+):", block), re.search(r"wildcards: \w+=([^,\s]+)", block)
+        found = re.search(r"resources: (.*)", block)
+        if rule and wildcard and found:
+            planned[rule.group(1), wildcard.group(1)] = dict(kv.split("=", 1) for kv in found.group(1).split(", "))
+    return planned
 
 
 def _planned_resources(tmp_path: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -196,17 +261,21 @@ def _planned_resources(tmp_path: Path) -> dict[tuple[str, str], dict[str, str]]:
         config["run"] += part["run"]
         for key in ("models", "datasets", "experiments"):
             config.setdefault(key, {}).update(part[key])
-    (tmp_path / "presets.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    wd = copy_workflow(tmp_path / "wd")
-    cmd = [*SNAKEMAKE, "-n", "final_model", "--workflow-profile", "profiles/slurm"]
-    res = run(cmd + ["--configfile", tmp_path / "presets.yaml"], cwd=wd, env=_env(), timeout=120)
-    planned = {}
-    for block in re.split(r"\n(?=\[.*\]\nrule )", res.stdout + res.stderr):
-        rule, exp = re.search(r"rule (\w+):", block), re.search(r"wildcards: exp=(\S+)", block)
-        found = re.search(r"resources: (.*)", block)
-        if rule and exp and found:
-            planned[rule.group(1), exp.group(1)] = dict(kv.split("=", 1) for kv in found.group(1).split(", "))
-    return planned
+    return _dry_run_resources(tmp_path, config, "--workflow-profile", "profiles/slurm")
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_every_job_that_runs_a_model_declares_its_gpu(tmp_path, gpus):
+    """The default experiment, trained on the CPU or on one GPU of a local machine of two: train asks
+    for its gpus, and evaluate and the replay generation (which loads a model, in NF4 when its spec says so) for one
+    GPU exactly when the training has one; nothing else asks for a GPU."""
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config["experiments"]["identity"]["gpus"] = gpus
+    planned = _dry_run_resources(tmp_path, config, "--resources", "gpu=2")
+    asking = {job: int(res["gpu"]) for job, res in planned.items() if int(res.get("gpu", 0))}
+    expected = {("train", "identity"): gpus, ("evaluate", "identity"): gpus, ("replay_data", "general_replay"): gpus}
+    assert asking == {job: n for job, n in expected.items() if n}, planned
+    assert set(expected) <= set(planned), planned
 
 
 PRESETS = sorted((ROOT / "config/presets").glob("*.yaml"))

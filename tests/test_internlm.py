@@ -65,6 +65,8 @@ def test_converted_logits_equal_the_native_models(hub, arch):
     ckpt = hub[1][arch]
     model = load_model(converted(hub, arch))
     assert type(model) is LlamaForCausalLM
+    # not the hub config's eager: attention runs through SDPA (its fused kernels on a GPU)
+    assert model.config._attn_implementation == "sdpa"
     gen = torch.Generator().manual_seed(0)
     # 24 positions run past max_position_embeddings (16), where dynamic NTK changes the rotary base.
     for length in (9, 24):
