@@ -37,6 +37,10 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+onstart:
+    check_executor_for_nodes()
+
+
 rule final_model:
     """The merged model and the evaluation of every experiment listed under `run`."""
     default_target: True

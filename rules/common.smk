@@ -162,20 +162,22 @@ def final_outputs(names):
 # ---------------------------------------------------------------- trainings over several nodes
 
 
-def resource_value(rule, name):
-    """A resource a profile or --set-resources sets for `rule`, or None."""
-    value = workflow.resource_settings.overwrite_resources.get(rule, {}).get(name)
+def resource_value(rule_name, resource):
+    """A resource a profile or --set-resources sets for a rule, or None."""
+    value = workflow.resource_settings.overwrite_resources.get(rule_name, {}).get(
+        resource
+    )
     return getattr(value, "value", value)
 
 
 def check_node_settings():
-    """Only the train rule spans nodes: anything else asking for more than one fails at once."""
-    for rule in workflow.resource_settings.overwrite_resources:
-        nodes = resource_value(rule, "nodes")
-        if rule != "train" and isinstance(nodes, int) and nodes > 1:
+    """Only the train step spans nodes; any other asking for more than one fails at once."""
+    for name in workflow.resource_settings.overwrite_resources:
+        nodes = resource_value(name, "nodes")
+        if name != "train" and isinstance(nodes, int) and nodes > 1:
             raise WorkflowError(
-                f"set-resources: {rule}: nodes={nodes}: only the train rule spans nodes; "
-                f"remove nodes from {rule}'s resources"
+                f"set-resources: {name}: nodes={nodes}: only the train rule spans nodes; "
+                f"remove nodes from {name}'s resources"
             )
 
 
@@ -190,8 +192,10 @@ def trainings_over_nodes():
 check_node_settings()
 
 
-onstart:
-    # The executor is known only once the workflow starts (a dry run shows the plan and skips this).
+def check_executor_for_nodes():
+    """At the start of a run: a training over several nodes needs the SLURM executor or XTuner's
+    variables. The executor is known only once the workflow starts (a dry run shows the plan).
+    """
     several = trainings_over_nodes()
     executor = getattr(workflow.executor_plugin, "name", "local")
     if several and executor != "slurm" and not os.environ.get("NNODES"):
