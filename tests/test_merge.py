@@ -153,6 +153,27 @@ def test_a_base_with_only_pickled_weights_needs_allow_pickle(tmp_path):
     )
 
 
+def test_allow_pickle_trusts_a_bin_to_hold_weights_not_to_run_code(tmp_path):
+    from safetensors.torch import load_file
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(ran),))
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_BASE, base)
+    torch.save({**load_file(base / "model.safetensors"), "payload": Payload()}, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    out = tmp_path / "merged"
+    res = run_cli("merge", base, ADAPTER, out, "--template", "internlm2_chat", "--allow-pickle", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"RefusedPickle: {base / 'pytorch_model.bin'}: refused to load: it holds more than tensors" in line, line
+    assert "GLOBAL posix.mkdir" in line and not ran.exists() and not out.exists()
+
+
 def test_cli_usage_errors_and_local_paths_never_go_to_a_hub(tmp_path):
     res = run_cli("merge", "a", "b", check=False, cwd=tmp_path)
     assert res.returncode == 2 and "OUTPUT is missing" in res.stderr.splitlines()[-1]
