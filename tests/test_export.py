@@ -178,6 +178,7 @@ print(int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text(
 """
 
 
+@pytest.mark.slow
 def test_pth_to_hf_reads_the_lora_tensors_and_not_the_optimizer_states(tmp_path):
     """XTuner's checkpoint's LoRA weights saved beside 400 MB of Adam moments (a 7B's optimizer states
     are many times its LoRA's): converting that peaks less than 50 MB above converting the checkpoint
