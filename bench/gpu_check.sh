@@ -16,7 +16,7 @@
 #   2. nvidia-smi, versions, and a preflight: CUDA visible, a bitsandbytes NF4 layer runs on the GPU,
 #      DeepSpeed picks its CUDA accelerator;
 #   3. pytest -m gpu tests/test_gpu.py -x   (NF4 + bf16 on CUDA, training by hand, SIGKILL + resume
-#      bit-identical with LoRA dropout, device "cuda" in the summary);
+#      bit-identical with LoRA dropout, device "cuda" in the summary, merge --device cuda against PEFT);
 #   4. python bench/gpu_bench.py            (QLoRA tokens/s, peak memory, MFU at InternLM2-1.8B shapes,
 #      with the bf16 autocast of the forward pass; the JSON names the versions it ran with);
 #   5. on a machine with two or more GPUs only: the same benchmark on two ranks (torchrun, NCCL,

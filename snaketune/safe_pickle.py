@@ -57,10 +57,18 @@ def safe_load(path: str | os.PathLike, map_location=None):
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """A hub model's ``.bin`` weights file: tensors and plain data only, memory-mapped, on the CPU."""
+    """A hub model's ``.bin`` weights file: tensors and plain data only, memory-mapped, on the CPU.
+    ``--allow-pickle`` trusts the file to hold weights, not to run code: anything more is refused."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        what = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+        raise RefusedPickle(f"{path}: refused to load: it holds more than tensors and plain data ({what})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
 class Placeholder(dict):

@@ -1,6 +1,8 @@
 """pth_to_hf and merge on a real checkpoint of the tiny model."""
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -163,3 +165,36 @@ def test_pth_to_hf_removes_what_a_killed_conversion_of_the_same_output_left(tmp_
         (d / ADAPTER_WEIGHTS).write_bytes(b"half")
     pth_to_hf(XTUNER / "work_plain/iter_16.pth", tmp_path / "adapter", LORA, str(TINY_BASE), ExportConfig())
     assert not stale.exists() and other.exists() and (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()
+
+
+# pth_to_hf in a fresh process, which prints its peak RSS (VmHWM)
+CONVERT_AND_REPORT_PEAK = """
+import re, sys
+from pathlib import Path
+from snaketune.adapter import pth_to_hf
+from snaketune.config import ExportConfig, LoraConfig
+pth_to_hf(sys.argv[1], sys.argv[2], LoraConfig(r=8, alpha=16, dropout=0.1), "base", ExportConfig())
+print(int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_pth_to_hf_reads_the_lora_tensors_and_not_the_optimizer_states(tmp_path):
+    """XTuner's checkpoint's LoRA weights saved beside 400 MB of Adam moments (a 7B's optimizer states
+    are many times its LoRA's): converting that peaks less than 50 MB above converting the checkpoint
+    as it is, and writes the same adapter."""
+    from snaketune.safe_pickle import load_checkpoint
+
+    small, large = XTUNER / "work_plain/iter_16.pth", tmp_path / "iter_16.pth"
+    moments = torch.ones(2, 50_000_000)
+    state = {i: {"exp_avg": moments[0], "exp_avg_sq": moments[1]} for i in range(28)}  # one storage, saved once
+    blob = {"state_dict": load_checkpoint(small)["state_dict"], "optimizer": {"state": state, "param_groups": []}}
+    torch.save(blob, large)
+    del blob, moments
+    assert large.stat().st_size > 400e6
+    peaks = {}
+    for ckpt, out in ((small, tmp_path / "small"), (large, tmp_path / "large")):
+        argv = [sys.executable, "-c", CONVERT_AND_REPORT_PEAK, ckpt, out]
+        peaks[out.name] = int(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert peaks["large"] - peaks["small"] < 50e6, peaks
+    assert (tmp_path / "small" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "large" / ADAPTER_WEIGHTS).read_bytes()

@@ -241,6 +241,41 @@ def test_killed_training_resumes_bit_identical_on_cuda(reference, env, tmp_path)
     )
 
 
+def _steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their dtype lie between a and b, element by element."""
+    ints = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    magnitude = (1 << (8 * a.element_size() - 1)) - 1
+
+    def on_a_line(x):  # sign and magnitude -> one ordered integer line, +0 and -0 the same point
+        i = x.view(ints).long()
+        return torch.where(i < 0, -(i & magnitude), i)
+
+    return (on_a_line(a) - on_a_line(b)).abs()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_merge_on_the_gpu_is_within_one_step_of_peft_on_the_cpu(tmp_path, dtype):
+    """`merge --device cuda` computes each LoRA delta on the GPU, whose matrix product may round
+    otherwise than the CPU's: every merged weight is at most one step of its dtype from PEFT's
+    merge_and_unload() on the CPU (docs/xtuner.md), and the LoRA weights did change the model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.config import MergeConfig
+    from snaketune.merge import merge
+
+    adapter = XTUNER / "adapter_plain"
+    merge(TINY_BASE, adapter, tmp_path / "merged", "internlm2_chat", MergeConfig(dtype=dtype), device="cuda")
+    ours = load_file(tmp_path / "merged" / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=getattr(torch, dtype))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    reference = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    assert ours.keys() <= reference.keys() and any(not torch.equal(before[k], v) for k, v in ours.items())
+    far = {k: int(_steps_apart(v, reference[k]).max()) for k, v in ours.items()}
+    assert max(far.values()) <= 1, far
+
+
 @two_gpus
 def test_two_ranks_on_two_gpus_that_see_different_free_memory_agree_and_finish(env, tmp_path):
     """tests/test_devices.py's two-rank check with NCCL on two GPUs: rank 1 sees no free memory,

@@ -100,14 +100,14 @@ def tiny_llama(path, hidden: int) -> None:
 def test_an_adapter_for_another_model_is_refused_before_anything_is_written(tmp_path):
     other = tmp_path / "other"
     tiny_llama(other, hidden=32)
-    out = tmp_path / "merged"
+    out = tmp_path / "new" / "merged"  # writing would begin by making its directory
     with pytest.raises(CheckpointError) as err:
         merge(other, ADAPTER, out, "internlm2_chat", MergeConfig())
     message = err.value.one_line()
     assert "model.layers.0.mlp.down_proj's LoRA update is [64, 128]" in message, message
     assert f"{other}'s model.layers.0.mlp.down_proj.weight is [32, 64]" in message
     assert "adapter_config.json names ./base" in message
-    assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+    assert not out.parent.exists()
 
 
 def test_another_name_with_fitting_shapes_merges_with_a_warning(tmp_path, caplog):
@@ -153,6 +153,27 @@ def test_a_base_with_only_pickled_weights_needs_allow_pickle(tmp_path):
     )
 
 
+def test_allow_pickle_trusts_a_bin_to_hold_weights_not_to_run_code(tmp_path):
+    from safetensors.torch import load_file
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(ran),))
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_BASE, base)
+    torch.save({**load_file(base / "model.safetensors"), "payload": Payload()}, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    out = tmp_path / "merged"
+    res = run_cli("merge", base, ADAPTER, out, "--template", "internlm2_chat", "--allow-pickle", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"RefusedPickle: {base / 'pytorch_model.bin'}: refused to load: it holds more than tensors" in line, line
+    assert "GLOBAL posix.mkdir" in line and not ran.exists() and not out.exists()
+
+
 def test_cli_usage_errors_and_local_paths_never_go_to_a_hub(tmp_path):
     res = run_cli("merge", "a", "b", check=False, cwd=tmp_path)
     assert res.returncode == 2 and "OUTPUT is missing" in res.stderr.splitlines()[-1]
@@ -166,6 +187,39 @@ def test_cli_usage_errors_and_local_paths_never_go_to_a_hub(tmp_path):
     assert res.returncode == 1 and "no such model directory: a" in res.stderr
     assert "Traceback" not in res.stderr and "huggingface" not in res.stderr.lower()
     assert time.monotonic() - start < 60 and not (tmp_path / "c").exists()
+
+
+def test_cli_writes_shards_of_max_shard_size_that_transformers_loads(tmp_path):
+    """Shards of at most 50 kB of tensors (a larger tensor alone in its own, as transformers splits),
+    their index, and the same weights as one unsharded merge; transformers loads them."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    options = ("--template", "internlm2_chat", "--max-shard-size", "50kB", "--device", "cpu")
+    run_cli("merge", TINY_BASE, ADAPTER, sharded, *options)
+    merge(TINY_BASE, ADAPTER, whole, "internlm2_chat", MergeConfig())
+    files = sorted(sharded.glob("model-*.safetensors"))
+    assert len(files) > 2 and not (sharded / "model.safetensors").exists()
+    for f in files:
+        with safe_open(f, "pt") as shard:
+            sizes = [shard.get_tensor(k).nbytes for k in shard.keys()]
+        assert len(sizes) == 1 or sum(sizes) <= 50_000, (f.name, sizes)
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(weight_map.values())) == [f.name for f in files]
+    ours, reference = merged_state(sharded), merged_state(whole)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    loaded = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ours.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/test_gpu.py merges on it")
+def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "new" / "merged"
+    res = run_cli("merge", TINY_BASE, ADAPTER, out, "--template", "internlm2_chat", "--device", "cuda", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "--device cuda: no CUDA GPU is available here; use --device cpu" in res.stderr.strip().splitlines()[-1]
+    assert not out.parent.exists()
 
 
 def test_stale_temporary_directories_of_this_output_are_removed(tmp_path):
