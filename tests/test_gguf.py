@@ -306,3 +306,28 @@ def test_rows_the_blocks_do_not_divide_fall_back_to_f16_and_load(tmp_path):
     with LlamaCpp(tmp_path / "m.gguf") as llm:
         assert llm.logits([504, 2365, 6354]).shape == (3, 49152)
 
+
+# ---------------------------------------------------------------- the command and the workflow
+
+
+def test_snaketune_gguf_export_writes_one_file_and_its_modelfile(made, tmp_path):
+    out = tmp_path / "one" / "model.gguf"
+    run_cli("gguf", "export", made.merged, out, "--type", "q8_0", "--template", "internlm2_chat", "--name", "snaky")
+    assert (
+        (tmp_path / "one" / "model.Modelfile").read_text().startswith("# Ollama: ollama create NAME -f model.Modelfile")
+    )
+    with LlamaCpp(out) as llm:
+        assert llm.meta("general.name") == "snaky" and llm.meta("general.file_type") == "7"  # MOSTLY_Q8_0
+
+
+def test_the_gguf_target_plans_the_export_and_the_switch_adds_it_to_final_model(tmp_path):
+    from .helpers import TINY_CONFIG, copy_workflow, planned_rules, snakemake
+
+    wd = copy_workflow(tmp_path / "wf")
+    config = json.loads(json.dumps(TINY_CONFIG))
+    (wd / "config" / "config.yaml").write_text(json.dumps(config))
+    assert "export_gguf" not in planned_rules(snakemake(wd, "-n", "final_model"))  # off by default
+    assert {"merge", "export_gguf", "gguf"} <= planned_rules(snakemake(wd, "-n", "gguf"))
+    config["experiments"]["tiny"]["gguf"] = {"enabled": True, "types": ["q8_0"]}
+    (wd / "config" / "config.yaml").write_text(json.dumps(config))
+    assert {"export_gguf", "evaluate", "final_model"} <= planned_rules(snakemake(wd, "-n", "final_model"))
