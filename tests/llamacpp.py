@@ -171,15 +171,16 @@ class LlamaCpp:
         finally:
             lib.llama_batch_free(batch)
 
-    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of ``prompt``, up to and including the first end-of-generation token."""
+    def greedy(self, prompt: list[int], max_new_tokens: int, *, stop: bool = True) -> list[int]:
+        """Greedy continuation of ``prompt``, up to and including the first end-of-generation token (with
+        ``stop``; without it, ``max_new_tokens`` whatever they are)."""
         self.lib.llama_kv_cache_clear(self.ctx)
         self._decode(prompt)
         out: list[int] = []
         while len(out) < max_new_tokens:
             token = int(np.argmax(self._row(-1)))
             out.append(token)
-            if self.is_end_of_generation(token):
+            if stop and self.is_end_of_generation(token):
                 break
             self._decode([token])
         return out
