@@ -167,9 +167,10 @@ def test_the_vocabulary_special_tokens_and_chat_template_are_the_tokenizers(made
 
 def test_f16_greedy_answers_are_transformers_token_for_token(made, reference):
     """16 greedy tokens of the F16 file against transformers on the fp32 merged model. They must agree at every
-    step but one where transformers' own top two logits lie within 0.25 of each other: F16 weights move this
-    model's logits by up to about 0.15 (its random weights make such near ties common; a trained model's are
-    rarer: test_smollm2 asks for all 16). After such a step the two continue from different tokens."""
+    step but one where transformers' own top two logits lie within 0.25 of each other, the bound the next test
+    holds F16's logits to: there rounding may flip the choice (this random model's near ties are common, a
+    trained model's rarer: test_smollm2 asks for all 16). After such a step the two continue from different
+    tokens; at least three quarters of all the tokens are compared."""
     compared = 0
     with LlamaCpp(gguf_of(made, "f16")) as llm:
         for prompt in IDENTITY + GENERAL:
