@@ -127,6 +127,19 @@ class LlamaCpp:
         found = self.lib.llama_model_chat_template(self.model, self.ffi.NULL)
         return None if found == self.ffi.NULL else self.ffi.string(found).decode()
 
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The conversation as llama.cpp formats it with the file's chat template (llama_chat_apply_template:
+        what llama-cli's chat mode and llama-server use), ending with the assistant's turn opened."""
+        ffi = self.ffi
+        texts = [(ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode())) for m in messages]
+        chat = ffi.new("struct llama_chat_message[]", len(texts))
+        for i, (role, content) in enumerate(texts):
+            chat[i].role, chat[i].content = role, content
+        buf = ffi.new("char[]", 1 << 16)
+        n = self.lib.llama_chat_apply_template(self.chat_template().encode(), chat, len(texts), True, buf, len(buf))
+        assert n >= 0, "llama.cpp does not know the file's chat template"
+        return ffi.buffer(buf, n)[:].decode()
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 

@@ -433,7 +433,8 @@ def smollm2(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.mark.slow
 def test_smollm2_in_llama_cpp_answers_as_transformers(smollm2):
-    """The default model's F16 file: its 49 152 tokens and chat template are the tokenizer's, its greedy answers
+    """The default model's F16 file: its 49 152 tokens and chat template are the tokenizer's (and llama.cpp's
+    own chat formatting gives the tokenizer's text), its greedy answers
     to identity and general questions are transformers' for all 16 tokens, and its next token on held-out text
     is transformers' at least 99% of the time; the Q8_0 file's at least 90%. The LoRA file on the base file
     answers as the merged model."""
@@ -448,6 +449,14 @@ def test_smollm2_in_llama_cpp_answers_as_transformers(smollm2):
             t.encode() for t in ref.tokenizer.convert_ids_to_tokens(list(range(len(ref.tokenizer))))
         ]
         assert llm.chat_template() == ref.tokenizer.chat_template
+        # llama-cli's chat mode and llama-server format a conversation with it as the tokenizer does
+        conversation = [
+            {"role": "system", "content": "You are Snaky."},
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am Snaky."},
+            {"role": "user", "content": "你好"},
+        ]
+        assert llm.apply_chat_template(conversation) == ref.tokenizer.apply_chat_template(conversation, tokenize=False)
         for prompt in IDENTITY + GENERAL:
             text, prompt_ids = chat_ids(ref, prompt)
             assert llm.tokenize(text) == prompt_ids
