@@ -318,6 +318,8 @@ def lora_tensors(adapter_dir: Path, base_dir: Path, shape: LlamaShape, allow_pic
             "llama.cpp's LoRA format cannot hold: use the merged model's GGUF file"
         )
     alpha = float(json.loads((adapter_dir / "adapter_config.json").read_text())["lora_alpha"])
+    if alpha <= 0:
+        raise CheckpointError(f"{adapter_dir}/adapter_config.json: lora_alpha {alpha:g}; llama.cpp scales by alpha / r")
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, shape.n_layer)
     tensors = []
     for key, lora in changes.items():

@@ -149,6 +149,9 @@ def read_vocab(model_dir: Path, n_vocab: int) -> Vocab:
         if scores is not None:
             scores.append(0.0)
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=n_vocab)
+    # tokenizers adds a BOS or EOS only where its post-processor or config says so: say it either way
+    for typ in ("bos", "eos"):
+        special.add_special_token.setdefault(typ, False)
     vocab = Vocab(kind, pre, tokens, types, special, scores, space_prefix)
     end_of_turn(vocab, model_dir)
     return vocab
@@ -161,8 +164,9 @@ def end_of_turn(vocab: Vocab, model_dir: Path) -> None:
     ids = vocab.special.special_token_ids
     path = model_dir / "generation_config.json"
     stops = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    stops = [s for s in (stops if isinstance(stops, list) else [stops]) if isinstance(s, int)]
-    stops = stops or [ids["eos"]] if "eos" in ids else stops
+    stops = [s for s in (stops if isinstance(stops, list) else [stops]) if isinstance(s, int) and s < len(vocab.tokens)]
+    if not stops and "eos" in ids:
+        stops = [ids["eos"]]
     template = vocab.special.chat_template if isinstance(vocab.special.chat_template, str) else ""
     if not template:
         log.warning("%s has no chat template: llama.cpp and Ollama will not know the chat format", model_dir)
@@ -174,9 +178,6 @@ def end_of_turn(vocab: Vocab, model_dir: Path) -> None:
     if ids.get("eos") not in stops:
         ids["eos"] = turn
     vocab.stops = [vocab.tokens[s] for s in stops]
-    # tokenizers adds a BOS or EOS only where its post-processor or config says so: say it either way
-    for typ in ("bos", "eos"):
-        vocab.special.add_special_token.setdefault(typ, False)
 
 
 def add_vocab(writer, vocab: Vocab) -> None:
