@@ -1,7 +1,7 @@
 """llama.cpp itself, for the GGUF tests: its C library as the llama-cpp-cffi wheel ships it prebuilt for the CPU.
 
-llama-cpp-python has only a source distribution (a compile of a quarter of an hour or more on two cores), so
-the tests take llama.cpp's library from the wheel of llama-cpp-cffi instead: downloaded once with
+llama-cpp-python has only a source distribution, which compiles llama.cpp on every fresh install, so the
+tests take llama.cpp's library from the wheel of llama-cpp-cffi instead: downloaded once with
 ``pip download --no-deps`` into a cache, never installed (the wheel's own dependencies would pin
 transformers below 5), its one CPU extension module extracted and loaded with cffi. What the module exposes is
 llama.cpp's C API (``llama.h``) as it is.

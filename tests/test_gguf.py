@@ -368,6 +368,7 @@ def test_snaketune_gguf_export_writes_one_file_and_its_modelfile(made, tmp_path)
         assert llm.meta("general.name") == "snaky" and llm.meta("general.file_type") == "7"  # MOSTLY_Q8_0
 
 
+@pytest.mark.slow  # three Snakemake dry runs
 def test_the_gguf_target_plans_the_export_and_the_switch_adds_it_to_final_model(tmp_path):
     from .helpers import TINY_CONFIG, copy_workflow, planned_rules, snakemake
 
