@@ -1,5 +1,5 @@
 # snaketune: XTuner's fine-tuning chain as one workflow.
-#   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate
+#   data -> model -> train (QLoRA, DeepSpeed ZeRO-2) -> pth_to_hf -> merge -> evaluate (-> export_gguf)
 import sys
 from pathlib import Path
 
@@ -46,6 +46,12 @@ rule final_model:
     default_target: True
     input:
         final_outputs(config["run"]),
+
+
+rule gguf:
+    """GGUF files for llama.cpp and Ollama of every experiment listed under `run`."""
+    input:
+        gguf_outputs(config["run"]),
 
 
 rule all:

@@ -151,12 +151,19 @@ def experiment_benchmarks(wildcards):
 
 
 def final_outputs(names):
-    """Per experiment: the merged model, its evaluation and the report's parts."""
+    """Per experiment: the merged model, its evaluation and the report's parts (and its GGUF files where
+    gguf.enabled)."""
     outputs = []
     for name in names:
         files = LAYOUT.format(exp=name)
         outputs += [files.merged, files.evaluation, *files.report()]
+        outputs += [files.gguf] if resolved(name).gguf.enabled else []
     return outputs
+
+
+def gguf_outputs(names):
+    """The GGUF files of each experiment."""
+    return [LAYOUT.format(exp=name).gguf for name in names]
 
 
 # ---------------------------------------------------------------- trainings over several nodes

@@ -37,3 +37,25 @@ rule merge:
         trust_remote_code=trust_remote_code,
     script:
         "../scripts/merge.py"
+
+
+rule export_gguf:
+    """GGUF files for llama.cpp and Ollama: the merged model per gguf.types with Modelfiles, and the LoRA."""
+    input:
+        merged=LAYOUT.merged,
+        model=model_dir,
+        adapter=LAYOUT.adapter,
+    output:
+        directory(LAYOUT.gguf),
+    log:
+        LAYOUT.log("export_gguf", "{exp}"),
+    benchmark:
+        LAYOUT.benchmark("export_gguf", "{exp}")
+    conda:
+        "../envs/export_gguf.yaml"
+    params:
+        gguf=section("gguf"),
+        template=template,
+        system=system_prompt,
+    script:
+        "../scripts/export_gguf.py"

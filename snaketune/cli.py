@@ -207,6 +207,41 @@ def cmd_merge(args) -> None:
     )
 
 
+def cmd_gguf(args) -> None:
+    """``gguf [EXPERIMENT]``, ``gguf export MODEL OUTPUT``, ``gguf adapter ADAPTER BASE OUTPUT``."""
+    from . import gguf_export
+
+    word, paths = (args.paths[0], args.paths[1:]) if args.paths else (None, [])
+    if word == "export":
+        if len(paths) != 2:
+            args.usage_error("gguf export takes MODEL OUTPUT (a model directory and the .gguf file to write)")
+        gguf_export.write_model(paths[0], paths[1], args.type or "f16", name=args.name, allow_pickle=args.allow_pickle)
+        if args.template:
+            gguf_export.write_modelfile(paths[0], paths[1], args.template, args.system or "")
+    elif word == "adapter":
+        if len(paths) != 3:
+            args.usage_error("gguf adapter takes ADAPTER BASE OUTPUT (the PEFT adapter, its base model, the .gguf)")
+        gguf_export.write_adapter(*paths, name=args.name, allow_pickle=args.allow_pickle)
+    else:
+        if len(args.paths) > 1:
+            args.usage_error(f"{' '.join(args.paths)}: give an EXPERIMENT, or export MODEL OUTPUT, or adapter ...")
+        args.experiment = word
+        exp, layout = experiment_of(args)
+        if args.type:
+            exp.gguf.types = [args.type]
+        steps.gguf(
+            layout.merged,
+            layout.model_dir,
+            layout.adapter,
+            args.output or layout.gguf,
+            exp.gguf,
+            name=exp.name,
+            template=args.template or exp.train.template,
+            system=exp.train.SYSTEM if args.system is None else args.system,
+            allow_pickle=args.allow_pickle,
+        )
+
+
 def cmd_evaluate(args) -> None:
     exp, layout = experiment_of(args)
     steps.evaluate(
@@ -388,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         _data_and_model_commands,
         _train_command,
         _export_commands,
+        _gguf_command,
         _evaluation_commands,
         _chat_commands,
         _preset_commands,
@@ -498,6 +534,35 @@ def _export_commands(add) -> None:
         "--allow-pickle",
         action="store_true",
         help="read a base model that has only pickled pytorch_model*.bin weights (tensors only, weights_only)",
+    )
+    sp.set_defaults(usage_error=sp.error)
+
+
+def _gguf_command(add) -> None:
+    from .gguf_export import TYPES
+    from .templates import TEMPLATES, TOKENIZER_TEMPLATE
+
+    sp = add(
+        "gguf",
+        cmd_gguf,
+        "GGUF files for llama.cpp and Ollama: an experiment's (merged model per gguf.types, Modelfiles, LoRA), "
+        "or `export MODEL OUTPUT` (one model file), or `adapter ADAPTER BASE OUTPUT` (llama.cpp's LoRA GGUF)",
+        experiment=False,
+    )
+    sp.add_argument("paths", nargs="*", metavar="[EXPERIMENT | export MODEL OUTPUT | adapter ADAPTER BASE OUTPUT]")
+    sp.add_argument(
+        "--type", choices=list(TYPES), help="weights of the model file (default: f16; an experiment's: gguf.types)"
+    )
+    sp.add_argument("--output", help=f"an experiment's directory (default: {HELP_PATHS.gguf})")
+    sp.add_argument("--name", help="general.name in the file (default: the experiment's or the directory's name)")
+    sp.add_argument(
+        "--template",
+        choices=sorted([*TEMPLATES, TOKENIZER_TEMPLATE]),
+        help="the chat format of the Modelfile (default: the experiment's; with export, a Modelfile only if given)",
+    )
+    sp.add_argument("--system", help="the Modelfile's SYSTEM prompt (default: the experiment's SYSTEM)")
+    sp.add_argument(
+        "--allow-pickle", action="store_true", help="read pickled pytorch_model*.bin weights (tensors only)"
     )
     sp.set_defaults(usage_error=sp.error)
 

@@ -4,7 +4,7 @@ The config file has three tables (``models``, ``datasets``, ``experiments``)
 that refer to each other by name. :func:`resolve` turns one experiment into
 an :class:`Experiment` whose sections (:class:`ModelConfig`,
 :class:`DatasetConfig`, :class:`TrainConfig`, :class:`ExportConfig`,
-:class:`MergeConfig`, :class:`EvaluationConfig`) carry every setting with its
+:class:`MergeConfig`, :class:`EvaluationConfig`, :class:`GgufConfig`) carry every setting with its
 default applied (an experiment's ``dataset`` may be a mixture of several,
 :class:`DatasetPart`; a ``replay`` dataset's spec is a :class:`ReplaySpec`).
 The defaults are the dataclasses' own; ``config/schema.yaml``
@@ -185,6 +185,15 @@ class MergeConfig(Section):
 
 
 @dataclass
+class GgufConfig(Section):
+    """The merged model as GGUF files for llama.cpp and Ollama (the export_gguf rule, ``snaketune gguf``)."""
+
+    enabled: bool = False  # part of final_model; the gguf target makes them either way
+    types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_0"])
+    adapter: bool = True  # the adapter as llama.cpp's LoRA GGUF too
+
+
+@dataclass
 class EvaluationConfig(Section):
     """What fine-tuning gained (the identity) and what it cost (leakage, retention, likelihood drift)."""
 
@@ -220,6 +229,7 @@ class Experiment:
     export: ExportConfig = field(default_factory=ExportConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gguf: GgufConfig = field(default_factory=GgufConfig)
 
     @property
     def mixed(self) -> bool:
@@ -258,7 +268,13 @@ class Experiment:
 
 
 # Keys of an experiment entry that are sections, and their types.
-SECTIONS = {"train": TrainConfig, "export": ExportConfig, "merge": MergeConfig, "evaluation": EvaluationConfig}
+SECTIONS = {
+    "train": TrainConfig,
+    "export": ExportConfig,
+    "merge": MergeConfig,
+    "evaluation": EvaluationConfig,
+    "gguf": GgufConfig,
+}
 
 
 def from_dict(cls: type, data: Any, where: str):
@@ -557,6 +573,11 @@ class Layout:
     evaluation_page: str = "results/{exp}/report/evaluation.html"
     provenance_page: str = "results/{exp}/report/provenance.html"
     benchmarks_page: str = "results/{exp}/report/benchmarks.html"
+    # GGUF files for llama.cpp and Ollama, one per type, each with its Modelfile, and the adapter's
+    gguf: str = "results/{exp}/gguf"
+    gguf_model: str = "results/{exp}/gguf/{exp}-{type}.gguf"
+    gguf_modelfile: str = "results/{exp}/gguf/{exp}-{type}.Modelfile"
+    gguf_adapter: str = "results/{exp}/gguf/{exp}-lora.gguf"
 
     def format(self, **wildcards: str) -> Layout:
         """The layout with the given wildcards filled in (``exp="identity"``); others stay wildcards."""

@@ -35,6 +35,7 @@ RULES: dict[str, list[str]] = {
     "train": ["train"],
     "pth_to_hf": ["export"],
     "merge": ["model"],
+    "export_gguf": ["gguf"],
     "evaluate": ["model"],
     "report_experiment": ["report"],
 }

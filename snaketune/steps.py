@@ -21,6 +21,7 @@ from .config import (
     DatasetConfig,
     EvaluationConfig,
     ExportConfig,
+    GgufConfig,
     LoraConfig,
     MergeConfig,
     ModelConfig,
@@ -335,6 +336,24 @@ def merge(
         device=device,
         allow_pickle=allow_pickle,
     )
+
+
+def gguf(
+    merged: PathLike,
+    base: PathLike,
+    adapter: PathLike,
+    output: PathLike,
+    gguf: GgufConfig,
+    *,
+    name: str,
+    template: str,
+    system: str = "",
+    allow_pickle: bool = False,
+) -> None:
+    """The experiment's GGUF files (:func:`snaketune.gguf_export.export`) into the directory ``output``."""
+    from .gguf_export import export
+
+    export(merged, base, adapter, output, gguf, name=name, template=template, system=system, allow_pickle=allow_pickle)
 
 
 @dataclass

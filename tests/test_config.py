@@ -27,6 +27,7 @@ def schema_sections():
         (cfg.ExportConfig, EXPERIMENT["export"]["properties"]),
         (cfg.MergeConfig, EXPERIMENT["merge"]["properties"]),
         (cfg.EvaluationConfig, EXPERIMENT["evaluation"]["properties"]),
+        (cfg.GgufConfig, EXPERIMENT["gguf"]["properties"]),
         (cfg.ReplaySpec, SCHEMA["$defs"]["replay_spec"]["properties"]),
         (cfg.DatasetPart, SCHEMA["$defs"]["mixture_part"]["properties"]),
     ]

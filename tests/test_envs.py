@@ -135,8 +135,9 @@ def test_each_env_holds_what_its_rule_imports():
     for rule, names in by_rule.items():
         assert ("deepspeed" in names) == (rule == "train"), rule
         assert any(d.startswith("gperftools=") for d in conda_list(ROOT / "envs" / f"{rule}.yaml")) == (rule == "train")
-    for rule in ("pth_to_hf", "merge", "evaluate", "replay_data"):
+    for rule in ("pth_to_hf", "merge", "evaluate", "replay_data", "export_gguf"):
         assert {"torch", "transformers", "peft"} <= by_rule[rule], rule
+    assert "gguf" in by_rule["export_gguf"] and "bitsandbytes" not in by_rule["export_gguf"]
 
 
 def pins_of(env: Path) -> dict[str, str]:
@@ -264,6 +265,7 @@ CHAIN = [
     "train",
     "pth_to_hf",
     "merge",
+    "export_gguf",
     "evaluate",
     "report",
 ]
@@ -319,6 +321,7 @@ def test_each_rule_runs_in_a_fresh_env_of_exactly_its_env_file(tmp_path):
         layout.summary,
         f"{layout.adapter}/adapter_config.json",
         f"{layout.merged}/config.json",
+        layout.gguf_model.format(type="q4_0"),
         layout.evaluation_summary,
         layout.curves,
         layout.evaluation_page,

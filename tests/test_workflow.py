@@ -129,6 +129,22 @@ def test_final_model_builds_every_file(finished):
 
 
 @pytest.mark.slow
+def test_the_gguf_target_exports_the_finished_model_and_nothing_else(finished, tmp_path):
+    """`snakemake gguf` after a finished run: only the export job runs, and writes a file per type, a Modelfile
+    beside each and the adapter's LoRA GGUF (what is in them: tests/test_gguf.py)."""
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd, symlinks=True)
+    assert planned_rules(snakemake(wd, "-n", "gguf")) == {"export_gguf", "gguf"}
+    snakemake(wd, "gguf")
+    names = sorted(p.name for p in (wd / "results/tiny/gguf").iterdir() if p.name != ".snakemake_timestamp")
+    kinds = ("f16", "q4_0", "q8_0")
+    assert names == sorted(
+        [*(f"tiny-{k}.gguf" for k in kinds), *(f"tiny-{k}.Modelfile" for k in kinds), "tiny-lora.gguf"]
+    )
+    assert planned_rules(snakemake(wd, "-n", "final_model")) == set()
+
+
+@pytest.mark.slow
 def test_second_run_does_nothing(finished):
     res = snakemake(finished, "-n", "final_model")
     assert planned_rules(res) == set()
