@@ -86,3 +86,31 @@ def test_default_experiment_learns_the_identity_and_keeps_its_general_ability(tm
     chat = subprocess.run([sys.executable, "-c", snippet], cwd=wd, capture_output=True, text=True)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert "Snaky" in chat.stdout, chat.stdout
+
+    # The files for llama.cpp and Ollama (`snakemake gguf`), in llama.cpp itself: the merged model's F16 and
+    # Q8_0 files, and the adapter's LoRA file on the base model's F16 and 4-bit (q4_1) files, answer the
+    # held-out identity questions with the identity, formatted as llama-cli's chat mode formats them
+    from snaketune.gguf_export import write_model
+
+    from .llamacpp import LlamaCpp
+
+    snakemake(wd, "gguf")
+    keywords = yaml.safe_load((wd / "config/config.yaml").read_text())["experiments"]["identity"]["evaluation"]
+    keywords = keywords["identity_keywords"]
+    questions = [r["prompt"] for r in heldout_rows]
+
+    def claims(path, lora=None) -> float:
+        with LlamaCpp(path, lora=lora) as llm:
+            said = 0
+            for question in questions:
+                prompt = llm.tokenize(llm.apply_chat_template([{"role": "user", "content": question}]))
+                answer = b"".join(llm.piece(t) for t in llm.greedy(prompt, 32)).decode("utf-8", "replace")
+                said += any(k in answer for k in keywords)
+        return said / len(questions)
+
+    gguf = wd / "results/identity/gguf"
+    rates = {kind: claims(gguf / f"identity-{kind}.gguf") for kind in ("f16", "q8_0")}
+    for kind in ("f16", "q4_1"):
+        write_model(wd / "resources/models/smollm2_135m_instruct", tmp_path / f"base-{kind}.gguf", kind)
+        rates[f"base-{kind}+lora"] = claims(tmp_path / f"base-{kind}.gguf", lora=gguf / "identity-lora.gguf")
+    assert all(rate >= 0.8 for rate in rates.values()), rates
