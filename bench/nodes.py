@@ -29,9 +29,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from trainer_vs_hf import result_header  # noqa: E402
+
 from tests.helpers import TINY, TINY_CONFIG, copy_workflow  # noqa: E402
 from tests.slurm_cluster import Cluster, cpu_node_profile  # noqa: E402
-from trainer_vs_hf import result_header  # noqa: E402
 
 SUMMARY = "results/tiny/training.json"
 
