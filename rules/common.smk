@@ -174,7 +174,12 @@ def resource_value(rule_name, resource):
     value = workflow.resource_settings.overwrite_resources.get(rule_name, {}).get(
         resource
     )
-    return getattr(value, "value", value)
+    try:
+        return getattr(value, "value", value)
+    except (
+        ValueError
+    ):  # a string Snakemake evaluates only for a job (mpi=srun): as written
+        return getattr(value, "raw", None)
 
 
 def check_node_settings():
@@ -186,6 +191,13 @@ def check_node_settings():
                 f"set-resources: {name}: nodes={nodes}: only the train rule spans nodes; "
                 f"remove nodes from {name}'s resources"
             )
+    nodes = resource_value("train", "nodes")
+    tasks, mpi = resource_value("train", "tasks"), resource_value("train", "mpi")
+    if isinstance(nodes, int) and nodes > 1 and (tasks != nodes or mpi != "srun"):
+        raise WorkflowError(
+            f"set-resources: train: nodes={nodes} needs tasks={nodes} and mpi=srun beside it (one task "
+            "per node, started by the job itself); or set nodes in the experiment, which sets all three"
+        )
 
 
 def trainings_over_nodes():

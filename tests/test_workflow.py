@@ -213,6 +213,15 @@ def test_training_over_nodes_without_slurm_or_nnodes_stops_before_any_job(workfl
     res = snakemake(workflow, "-n", "final_model", "--set-resources", "merge:nodes=2", check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "merge: nodes=2: only the train rule spans nodes" in out, out[-2000:]
+    # a profile's nodes for train comes with its task geometry, which the experiment's nodes sets itself
+    res = snakemake(workflow, "-n", "final_model", "--set-resources", "train:nodes=2", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "train: nodes=2 needs tasks=2 and mpi=srun" in out, out[-2000:]
+    ok = snakemake(workflow, "-n", "final_model", "--set-resources", "train:nodes=2", "train:tasks=2", "train:mpi=srun")
+    assert ok.returncode == 0
+    edit_config(wd, lambda cfg: cfg["experiments"]["tiny"].update(nodes=0))
+    res = snakemake(wd, "-n", "final_model", check=False)
+    assert res.returncode != 0 and "nodes" in res.stdout + res.stderr
 
 
 def test_lint_is_clean():
