@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,19 +231,14 @@ def gguf_file(out: Path):
     failure it is removed and an earlier ``out`` is left as it was."""
     import gguf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        yield writer
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from .files import atomic_file
+
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            yield writer
+        finally:
+            writer.close()
 
 
 def write_tensors(writer, planned: list[Planned], data) -> None:
