@@ -79,20 +79,28 @@ def torchrun_command(
 ) -> list[str]:
     """``ranks`` processes of ``python -m snaketune.rank_main JOB`` on this node (JOB: the train step's
     job, ``asdict`` of it, as JSON), node ``node_rank`` of ``nnodes`` meeting at the master's address."""
+    meet = [
+        "--node_rank",
+        str(node_rank),
+        "--master_addr",
+        master_addr,
+        "--master_port",
+        str(master_port or free_port()),
+    ]
+    return _torchrun(nnodes, ranks, meet, job)
+
+
+def _torchrun(nnodes: int | str, ranks: int, rendezvous: list[str], job: dict[str, Any]) -> list[str]:
+    """torchrun for this node's ``ranks`` of ``nnodes``, meeting the others as ``rendezvous`` says."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nnodes",
         str(nnodes),
-        "--node_rank",
-        str(node_rank),
         "--nproc_per_node",
         str(ranks),
-        "--master_addr",
-        master_addr,
-        "--master_port",
-        str(master_port or free_port()),
+        *rendezvous,
         "-m",
         RANK_MODULE,
         json.dumps(job),
@@ -183,24 +191,8 @@ def node_torchrun(spec: dict[str, Any]) -> list[str]:
         text=True,
         check=True,
     ).stdout.split()
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        os.environ["SLURM_NNODES"],
-        "--nproc_per_node",
-        str(spec["ranks"]),
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        f"{hosts[0]}:{rendezvous_port(job_id)}",
-        "--rdzv_id",
-        job_id,
-        "-m",
-        RANK_MODULE,
-        json.dumps(spec["job"]),
-    ]
+    meet = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts[0]}:{rendezvous_port(job_id)}", "--rdzv_id", job_id]
+    return _torchrun(os.environ["SLURM_NNODES"], spec["ranks"], meet, spec["job"])
 
 
 def launch_nodes(nodes: int, ranks: int, job: dict[str, Any], env: dict[str, str] | None = None) -> None:
