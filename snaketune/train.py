@@ -439,10 +439,7 @@ def train(
         if last or end // cfg.evaluation_freq > start // cfg.evaluation_freq:
             evaluate_during_training(engine, tokenizer, cfg, work_dir, end)
     hosts = rank_hosts()
-    summary = finish(work_dir, plan, cfg, world, resumed_from, time.time() - t_start, device) if rank == 0 else None
-    if summary is not None:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's ranks on this node
-        summary.update(nodes=world // per_node, ranks_per_node=per_node, hosts=hosts)
+    summary = finish(work_dir, plan, cfg, hosts, resumed_from, time.time() - t_start, device) if rank == 0 else None
     dist.barrier()
     return summary
 
@@ -492,14 +489,25 @@ def optimizer_step(
 
 
 def finish(
-    work_dir: Path, plan: Plan, cfg: TrainConfig, world: int, resumed_from: int | None, seconds: float, device: str
+    work_dir: Path,
+    plan: Plan,
+    cfg: TrainConfig,
+    hosts: list[str],
+    resumed_from: int | None,
+    seconds: float,
+    device: str,
 ) -> dict:
-    """Rank 0: close the progress record and sum the training up."""
+    """Rank 0: close the progress record and sum the training up (``hosts``: each rank's, by rank)."""
+    world = len(hosts)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's ranks on this node
     return {
         "checkpoint": str(work_dir / f"iter_{plan.total_iters}.pth"),
         "iterations": plan.total_iters,
         "optimizer_steps": len(plan.ends),
         "world_size": world,
+        "nodes": world // per_node,
+        "ranks_per_node": per_node,
+        "hosts": hosts,
         "device": device,
         "malloc": malloc_in_use(),
         "resumed_from": resumed_from,
