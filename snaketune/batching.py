@@ -22,6 +22,9 @@ class Row:
     labels: list[int]
     position_ids: list[int]
     kl: list[int] = field(default_factory=list)  # per token, 1 in a sample trained with loss kl; [] when none is
+    # the base model's top-k next tokens and log-probabilities at each distilled position, in order
+    # (losses.base_top_k, computed once before training: train.cache_base_top_k); None: computed at each step
+    teacher: tuple | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -95,7 +98,8 @@ def as_rows(samples: list[Encoded]) -> list[Row]:
 
 def collate(rows: list[Row], pad_id: int):
     """Right-pad; pads get their own position ids so they form a separate (unsupervised) block.
-    Returns ids, labels, position ids and the kl marks (None when no row has a kl sample)."""
+    Returns ids, labels, position ids, the kl marks (None when no row has a kl sample) and the base
+    model's top-k ids and log-probabilities at the distilled positions (None when not cached)."""
     import torch
 
     width = max(len(r.input_ids) for r in rows)
@@ -105,12 +109,15 @@ def collate(rows: list[Row], pad_id: int):
         ids.append(r.input_ids + [pad_id] * n)
         labels.append(r.labels + [IGNORE_INDEX] * n)
         pos.append(r.position_ids + list(range(n)))
-    marks = None
+    marks = teacher_ids = teacher_logp = None
     if any(r.kl for r in rows):
         marks = torch.tensor(
             [(r.kl or [0] * len(r.input_ids)) + [0] * (width - len(r.input_ids)) for r in rows], dtype=torch.bool
         )
-    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks
+        cached = [r.teacher for r in rows if r.kl]
+        if all(t is not None for t in cached):
+            teacher_ids, teacher_logp = (torch.cat(parts) for parts in zip(*cached))
+    return torch.tensor(ids), torch.tensor(labels), torch.tensor(pos), marks, teacher_ids, teacher_logp
 
 
 # How many optimizer steps' worth of samples are sorted by length together (HF's group_by_length: 50).

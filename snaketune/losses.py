@@ -32,10 +32,14 @@ def base_model_logits(model, ids, position_ids, positions):
         return head_logits(peft_model, ids, position_ids, positions)
 
 
-def token_loss_sum(model, ids, labels, position_ids, kl=None):
+def token_loss_sum(model, ids, labels, position_ids, kl=None, teacher_ids=None, teacher_logp=None):
     """Summed loss over supervised tokens: cross-entropy, and where ``kl`` marks a sample trained
     with loss kl, KL(base || model) + KL(model || base) between the model's next-token distribution
-    and the base model's (the adapter turned off) at the same position, summed over the vocabulary.
+    and the base model's (the adapter turned off) at the same position, summed over the vocabulary;
+    or, given the base model's top-k (``teacher_ids``, ``teacher_logp``: one row per distilled
+    position, in the batch's row-major order; :func:`base_top_k`), the same divergence between
+    the two distributions coarsened to those k tokens and one bucket for the rest of the vocabulary
+    (:func:`bucket_divergence`), without a forward pass of the base model.
 
     No attention mask is passed: transformers then builds a causal mask that is
     block-diagonal wherever the position ids restart, but only when no KV cache
@@ -63,17 +67,57 @@ def token_loss_sum(model, ids, labels, position_ids, kl=None):
     if distil is None or not distil.any():
         return F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
     ce = rows & ~distil
-    # the base model's forward only for the rows that distil: the others' would be thrown away
-    at = distil.any(1)
-    base = base_model_logits(model, ids[at], None if position_ids is None else position_ids[at], head_at)
     log_p = F.log_softmax(logits[distil].float(), -1)
-    log_base = F.log_softmax(base[distil[at]].float(), -1)
-    # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
-    # keeps the model from saying what the base model would not (a new name in a general answer)
-    return (
-        F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum")
-        + ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum()
-    )
+    if teacher_ids is not None:
+        if teacher_ids.shape[0] != log_p.shape[0]:
+            raise RuntimeError(
+                f"the base model's top-k covers {teacher_ids.shape[0]} positions, the batch distils {log_p.shape[0]}"
+            )
+        divergence = bucket_divergence(log_p.gather(-1, teacher_ids.long()), teacher_logp.float())
+    else:
+        # the base model's forward only for the rows that distil: the others' would be thrown away
+        at = distil.any(1)
+        base = base_model_logits(model, ids[at], None if position_ids is None else position_ids[at], head_at)
+        log_base = F.log_softmax(base[distil[at]].float(), -1)
+        # both directions: KL(base || model) keeps what the base model would say, KL(model || base)
+        # keeps the model from saying what the base model would not (a new name in a general answer)
+        divergence = ((log_p.exp() - log_base.exp()) * (log_p - log_base)).sum()
+    return F.cross_entropy(logits[ce].float(), targets[ce], reduction="sum") + divergence
+
+
+def with_rest(log_k):
+    """Log-probabilities of k tokens, and a last column for all the other tokens together."""
+    import torch
+
+    rest = (-torch.expm1(torch.logsumexp(log_k, -1, keepdim=True))).clamp_min(1e-30)
+    return torch.cat([log_k, rest.log()], -1)
+
+
+def bucket_divergence(log_p_k, log_base_k):
+    """KL(base || model) + KL(model || base) over k + 1 buckets: the base model's top-k tokens at a
+    position, each its own bucket, and the rest of the vocabulary as one. ``log_p_k`` holds the
+    model's log-probabilities of those k tokens, ``log_base_k`` the base model's. Never more than
+    the divergence over the whole vocabulary, equal to it when the top-k hold all the base model's
+    and the model's mass."""
+    a, b = with_rest(log_p_k), with_rest(log_base_k)
+    return ((a.exp() - b.exp()) * (a - b)).sum()
+
+
+def base_top_k(model, ids, labels, position_ids, kl, k: int):
+    """The base model's (the adapter turned off) ``k`` most likely next tokens and their
+    log-probabilities at every distilled position of a batch, in the order
+    :func:`token_loss_sum` takes them (row-major), and how many positions each row has."""
+    import torch
+    import torch.nn.functional as F
+
+    distil = (labels[:, 1:] != IGNORE_INDEX) & kl[:, 1:]
+    head_at = distil.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
+    logits = base_model_logits(model, ids, position_ids, head_at)
+    positions = torch.arange(distil.shape[1], device=ids.device) if head_at is None else head_at
+    chosen = distil[:, positions]
+    log_base = F.log_softmax(logits[chosen].float(), -1)
+    logp, top = log_base.topk(min(k, log_base.shape[-1]), -1)
+    return top.to(torch.int32), logp, chosen.sum(1).tolist()
 
 
 def unwrap(model):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import checkpoints
-from .batching import Batches, Row, as_rows, encode_dataset, epoch_batches, iters_per_epoch, pack, passes
+from .batching import Batches, Row, as_rows, collate, encode_dataset, epoch_batches, iters_per_epoch, pack, passes
 from .config import TrainConfig
 from .devices import agreed_minimum, reduce_bucket_elements, training_dtype
 from .encoding import IGNORE_INDEX
@@ -419,6 +419,8 @@ def train(
     if rank == 0:
         log_plan(plan, cfg, rank, world, rows_per)
         log.info("malloc: %s", malloc_in_use())
+    if cfg.kl_top_k:
+        cache_base_top_k(engine, plan.rows, cfg.kl_top_k, rows_per, tokenizer.pad_token_id)
     resumed_from = resume(engine, work_dir, fingerprint, plan.total_iters)
     if resumed_from is None:
         evaluate_during_training(engine, tokenizer, cfg, work_dir, 0)
@@ -442,6 +444,45 @@ def train(
     summary = finish(work_dir, plan, cfg, hosts, resumed_from, time.time() - t_start, device) if rank == 0 else None
     dist.barrier()
     return summary
+
+
+def cache_base_top_k(engine, rows: list, k: int, rows_per: int, pad_id: int) -> None:
+    """The base model's top-k at every distilled position of every row with a ``loss: kl`` sample,
+    computed once (:func:`snaketune.losses.base_top_k`) and kept on the rows, so that training steps
+    run no forward pass of the base model: the base is frozen, its distributions never change, and
+    a replayed record repeated in the mixture is computed once. Every rank computes every row in the
+    same passes (in order of first appearance), so the figures do not depend on ranks or on where a
+    resumed run starts."""
+    import torch
+
+    from .losses import base_top_k
+
+    t0 = time.time()
+    distinct: dict[tuple, list] = {}
+    for row in rows:
+        if row.kl:
+            distinct.setdefault((tuple(row.input_ids), tuple(row.labels), tuple(row.kl)), []).append(row)
+    groups = list(distinct.values())
+    positions = 0
+    engine.eval()
+    with torch.no_grad(), training_autocast(engine.device.type):
+        for i in range(0, len(groups), rows_per):
+            chunk = groups[i : i + rows_per]
+            ids, labels, pos, kl, *_ = (t.to(engine.device) for t in collate([g[0] for g in chunk], pad_id)[:4])
+            top, logp, counts = base_top_k(engine, ids, labels, pos, kl, k)
+            for same, teacher in zip(chunk, zip(top.cpu().split(counts), logp.cpu().split(counts))):
+                for row in same:
+                    row.teacher = teacher
+            positions += sum(counts)
+    engine.train()
+    log.info(
+        "kl: the base model's top %d at %d positions of %d distinct rows (%d rows), once: %.1f s",
+        k,
+        positions,
+        len(groups),
+        sum(len(g) for g in groups),
+        time.time() - t0,
+    )
 
 
 def rank_hosts() -> list[str]:

@@ -196,7 +196,8 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
         if "lora_B" in name:  # an adapter that changes the outputs
             torch.nn.init.normal_(p, std=0.05)
     base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
-    ids, labels, pos, kl = collate(as_rows(samples), tokenizer.pad_token_id)
+    ids, labels, pos, kl, teacher_ids, _ = collate(as_rows(samples), tokenizer.pad_token_id)
+    assert teacher_ids is None  # nothing cached: the base model runs in the step
     assert kl is not None and kl[1, : len(samples[1].input_ids)].all() and not kl[0].any()
 
     def grads(loss):
@@ -222,6 +223,84 @@ def test_kl_loss_is_the_divergence_from_the_base_model_at_a_kl_samples_answers(t
     with torch.no_grad():
         packed = token_loss_sum(model, *collate(pack(samples, 1024, seed=0), tokenizer.pad_token_id))
     torch.testing.assert_close(packed, want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_kl_top_k_is_the_divergence_over_the_base_models_top_k_and_one_bucket_for_the_rest(tokenizer):
+    """kl_top_k: the base model's top k at each distilled position, computed once before training
+    and kept on the rows, replace its forward pass in the step. Expected values: the base model's
+    top k from a separate plain load of the base, the two distributions coarsened by hand to those
+    k tokens plus everything else, and KL both ways written out; with k = the whole vocabulary, the
+    loss and gradients of the exact path (the base model run in the step)."""
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.batching import as_rows, collate, encode_dataset
+    from snaketune.data import read_records
+    from snaketune.losses import token_loss_sum
+    from snaketune.model import load_for_training
+    from snaketune.train import cache_base_top_k
+
+    records = read_records(XTUNER / "data.json")[:3]
+    samples, _ = encode_dataset(
+        [records[0], {**records[1], "loss": "kl"}, {**records[2], "loss": "kl"}],
+        tokenizer,
+        TrainConfig(template="internlm2_chat", max_length=64),
+    )
+    torch.manual_seed(0)
+    model = load_for_training(TINY_BASE, LoraConfig(r=8, alpha=16, dropout=0.0), quantization="none", device="cpu")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
+    vocab = base.config.vocab_size
+
+    def loss_and_grads(rows):
+        model.zero_grad()
+        loss = token_loss_sum(model, *collate(rows, tokenizer.pad_token_id))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    exact_rows = as_rows(samples)
+    exact = loss_and_grads(exact_rows)
+    # the same row twice: computed once, both get it
+    rows = as_rows(samples) + as_rows(samples[1:2])
+    cache_base_top_k(model, rows, vocab, 2, tokenizer.pad_token_id)
+    assert rows[0].teacher is None and rows[1].teacher is rows[3].teacher is not None
+    whole = loss_and_grads(rows[:3])
+    torch.testing.assert_close(whole[0], exact[0], rtol=1e-5, atol=1e-5)
+    for name in exact[1]:
+        torch.testing.assert_close(whole[1][name], exact[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # half the vocabulary: the random tiny model spreads its mass thin, so the bucket for the rest must
+    # hold a large share for it to count
+    k = vocab // 2
+    rows = as_rows(samples[1:])  # the distilled rows alone: the loss is the divergence alone
+    cache_base_top_k(model, rows, k, 2, tokenizer.pad_token_id)
+    got = loss_and_grads(rows)
+    ids, labels, pos, _, teacher_ids, _ = collate(rows, tokenizer.pad_token_id)
+    assert teacher_ids.shape[1] == k
+    # in float64: 1 - the sum of half a vocabulary's probabilities is exact enough only there
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].double()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].double()
+    targets = labels[:, 1:]
+    want = without_rest = 0
+    for r in (0, 1):
+        at = targets[r] != -100
+        p_base, p_model = base_logits[r][at].softmax(-1), logits[r][at].softmax(-1)
+        top = p_base.topk(k, -1).indices
+        q_b, q_m = p_base.gather(-1, top), p_model.gather(-1, top)
+        without_rest = without_rest + ((q_b - q_m) * (q_b.log() - q_m.log())).sum()
+        q_b = torch.cat([q_b, 1 - q_b.sum(-1, keepdim=True)], -1)
+        q_m = torch.cat([q_m, 1 - q_m.sum(-1, keepdim=True)], -1)
+        want = want + (q_b * (q_b.log() - q_m.log())).sum() + (q_m * (q_m.log() - q_b.log())).sum()
+    assert want - without_rest > 1e-3 * want  # the bucket for the rest counts here
+    model.zero_grad()
+    want.backward()
+    torch.testing.assert_close(got[0], want.detach().float(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # summed over half a vocabulary in float32: compared as a whole, to float64's rounding
+            assert (got[1][name] - p.grad).norm() <= 1e-4 * p.grad.norm(), name
 
 
 def test_evaluation_during_training_leaves_the_4bit_layers_trainable(tokenizer):
