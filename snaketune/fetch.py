@@ -180,8 +180,9 @@ def import_gguf(gguf_path: Path, out: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no random initialisation of weights that are overwritten at once
+        model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     model.generation_config = loaded.generation_config
     with atomic_dir(out, replace=False) as tmp:
