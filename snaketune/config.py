@@ -164,7 +164,7 @@ class TrainConfig(Section):
     # loss kl: the base model's distribution at a distilled position as its kl_top_k most likely tokens
     # and one bucket for the rest, computed once before training (train.cache_base_top_k); 0: the
     # whole vocabulary, from a forward pass of the base model at every step
-    kl_top_k: int = 64
+    kl_top_k: int = 256
     # The training process's malloc (launch.allocator_env): tcmalloc reuses the memory a step frees,
     # where glibc's keeps much of it (docs/benchmarks.md has the peak memory of each). auto:
     # tcmalloc when installed (conda: gperftools; Debian: libtcmalloc-minimal4), else the system's;
