@@ -130,7 +130,7 @@ def answer_both(
 
     def both(model) -> tuple[list, list]:
         """The identity and the general answers; in the same batches when their token limits agree
-        (fewer, fuller batches: a batch costs about as much with 18 rows as with 64 on a CPU)."""
+        (fewer, fuller batches: a decoding step reads every weight once, however many rows it holds)."""
         if identity["max_new_tokens"] != general["max_new_tokens"]:
             return (
                 generate_answers(model, tokenizer, template, prompts, **identity),
