@@ -36,13 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
     from trainer_vs_hf import result_header
 
     from snaketune import train
     from snaketune.batching import collate
     from snaketune.config import Layout, load, resolve
-    from snaketune.losses import base_model_logits
+    from snaketune.losses import base_top_k
     from snaketune.model import load_for_training, load_tokenizer
 
     config, name = load(args.config, args.experiment, [])
@@ -57,11 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     rest: dict[int, list] = {k: [] for k in args.k}
     with torch.no_grad():
         for i in range(0, len(distinct), args.rows_per_pass):
-            ids, labels, pos, kl, *_ = collate(distinct[i : i + args.rows_per_pass], tokenizer.pad_token_id)
-            at = (labels[:, 1:] != -100) & kl[:, 1:]
-            log_p = F.log_softmax(base_model_logits(model, ids, pos, None)[at].float(), -1)
+            batch = collate(distinct[i : i + args.rows_per_pass], tokenizer.pad_token_id)[:4]
+            # what the trainer caches (train.cache_base_top_k), at the largest K: its first k columns
+            # are the top k, most likely first
+            _, log_top, _ = base_top_k(model, *batch, max(args.k))
             for k in args.k:
-                rest[k].append(1 - log_p.topk(k, -1).values.exp().sum(-1))
+                rest[k].append(1 - log_top[:, :k].exp().sum(-1))
     summary = {}
     for k, parts in rest.items():
         share = torch.cat(parts).clamp_min(0)

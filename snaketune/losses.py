@@ -53,15 +53,12 @@ def token_loss_sum(model, ids, labels, position_ids, kl=None, teacher_ids=None, 
     length (``group_by_length``) that is exactly the supervised positions. A model
     whose forward lacks ``logits_to_keep`` gets the full head.
     """
-    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # position t predicts token t + 1
-    # a 1-D index: every transformers version takes it
-    head_at = keep.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
+    head_at, positions = head_positions(model, keep)
     logits = head_logits(model, ids, position_ids, head_at)
-    positions = torch.arange(targets.shape[1], device=ids.device) if head_at is None else head_at
     rows, targets = keep[:, positions], targets[:, positions]
     distil = rows & kl[:, 1:][:, positions] if kl is not None else None
     if distil is None or not distil.any():
@@ -111,13 +108,24 @@ def base_top_k(model, ids, labels, position_ids, kl, k: int):
     import torch.nn.functional as F
 
     distil = (labels[:, 1:] != IGNORE_INDEX) & kl[:, 1:]
-    head_at = distil.any(0).nonzero().squeeze(1) if accepts_logits_to_keep(model) else None
+    head_at, positions = head_positions(model, distil)
     logits = base_model_logits(model, ids, position_ids, head_at)
-    positions = torch.arange(distil.shape[1], device=ids.device) if head_at is None else head_at
     chosen = distil[:, positions]
     log_base = F.log_softmax(logits[chosen].float(), -1)
     logp, top = log_base.topk(min(k, log_base.shape[-1]), -1)
     return top.to(torch.int32), logp, chosen.sum(1).tolist()
+
+
+def head_positions(model, wanted):
+    """Where the output head runs for a ``rows x positions`` mask of the positions whose logits are
+    wanted: ``logits_to_keep`` (a 1-D index, which every transformers version takes) and the
+    positions its logits stand for; without ``logits_to_keep``, None and every position."""
+    import torch
+
+    if accepts_logits_to_keep(model):
+        head_at = wanted.any(0).nonzero().squeeze(1)
+        return head_at, head_at
+    return None, torch.arange(wanted.shape[1], device=wanted.device)
 
 
 def unwrap(model):
